@@ -1,0 +1,361 @@
+// Package api holds berth's versioned wire types (v1): the objects stored and
+// served by the HTTP+JSON API, their validation, and the strict decoder that
+// turns outside input into them with errors naming the field at fault.
+//
+// The API types are the contract; etcd keys are an implementation detail.
+package api
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// Version is the API version served under /v1/.
+const Version = "v1"
+
+// Meta is set by the server on every stored object.
+type Meta struct {
+	// Revision is the store revision of the object's last change. Watches
+	// resume from a revision.
+	Revision  int64     `json:"revision,omitempty"`
+	CreatedAt time.Time `json:"createdAt,omitzero"`
+	UpdatedAt time.Time `json:"updatedAt,omitzero"`
+}
+
+// Resources is an amount of CPU and memory.
+type Resources struct {
+	CPU    CPU   `json:"cpu"`
+	Memory Bytes `json:"memory"`
+}
+
+// NodeState is the liveness of a node.
+type NodeState string
+
+// Node states.
+const (
+	NodeReady NodeState = "ready"
+	NodeDown  NodeState = "down"
+)
+
+// NodeRegistration is what an agent sends to register (or re-register) its node.
+type NodeRegistration struct {
+	Address     string            `json:"address"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	Capacity    Resources         `json:"capacity"`
+	Allocatable Resources         `json:"allocatable"`
+	// TTL is how long the node stays ready without a heartbeat.
+	TTL          Duration `json:"ttl,omitempty"`
+	AgentVersion string   `json:"agentVersion,omitempty"`
+}
+
+// Node is a machine that runs an agent.
+type Node struct {
+	Name string `json:"name"`
+	NodeRegistration
+	Status NodeStatus `json:"status"`
+	Meta
+}
+
+// NodeStatus is the observed state of a node.
+type NodeStatus struct {
+	State         NodeState `json:"state"`
+	LastHeartbeat time.Time `json:"lastHeartbeat,omitzero"`
+	Message       string    `json:"message,omitempty"`
+}
+
+// HeartbeatResponse answers a node heartbeat.
+type HeartbeatResponse struct {
+	// Registered is false when the server no longer knows the node (its
+	// record was removed); the agent then registers again.
+	Registered bool     `json:"registered"`
+	TTL        Duration `json:"ttl"`
+}
+
+// Network drivers.
+const (
+	DriverBridge  = "bridge"
+	DriverOverlay = "overlay"
+)
+
+// NetworkSpec is what a user declares for a virtual network.
+type NetworkSpec struct {
+	Name   string `json:"name"`
+	Subnet string `json:"subnet"`
+	// Gateway defaults to the first address of the subnet.
+	Gateway string `json:"gateway,omitempty"`
+	// Driver is bridge (one node) or overlay (VXLAN across nodes).
+	Driver string `json:"driver,omitempty"`
+}
+
+// Network is a virtual network: a virtual switch on every node that uses it.
+type Network struct {
+	NetworkSpec
+	Status NetworkStatus `json:"status"`
+	Meta
+}
+
+// NetworkStatus is what berth assigned to a network.
+type NetworkStatus struct {
+	// VNI is the VXLAN id of an overlay network.
+	VNI int `json:"vni,omitempty"`
+	// NodeSubnets is the slice of an overlay's subnet given to each node.
+	NodeSubnets map[string]string `json:"nodeSubnets,omitempty"`
+}
+
+// ServiceSpec declares a service: what to run, how many, where and how.
+type ServiceSpec struct {
+	Name    string            `json:"name"`
+	Image   string            `json:"image"`
+	Command []string          `json:"command,omitempty"`
+	Args    []string          `json:"args,omitempty"`
+	Env     map[string]string `json:"env,omitempty"`
+	// Replicas defaults to 1 when absent.
+	Replicas  *int              `json:"replicas,omitempty"`
+	Resources ResourceSpec      `json:"resources,omitzero"`
+	Networks  []string          `json:"networks,omitempty"`
+	Ports     []PortSpec        `json:"ports,omitempty"`
+	Check     *CheckSpec        `json:"check,omitempty"`
+	Update    UpdatePolicy      `json:"update,omitzero"`
+	Restart   RestartPolicy     `json:"restart,omitzero"`
+	Placement Placement         `json:"placement,omitzero"`
+	Security  SecuritySpec      `json:"security,omitzero"`
+	Meta      map[string]string `json:"meta,omitempty"`
+}
+
+// ResourceSpec holds requests (used for placement) and limits (enforced by cgroups).
+type ResourceSpec struct {
+	CPU    CPU    `json:"cpu,omitempty"`
+	Memory Bytes  `json:"memory,omitempty"`
+	Limits *Limit `json:"limits,omitempty"`
+}
+
+// Limit is a cgroup limit; zero means no limit beyond the request.
+type Limit struct {
+	CPU    CPU   `json:"cpu,omitempty"`
+	Memory Bytes `json:"memory,omitempty"`
+}
+
+// PortSpec is a named port of a service's instances.
+type PortSpec struct {
+	Name     string `json:"name"`
+	Port     int    `json:"port"`
+	Protocol string `json:"protocol,omitempty"`
+	// HostPort publishes the port on the node (0: not published).
+	HostPort int `json:"hostPort,omitempty"`
+}
+
+// CheckSpec is a health check; exactly one of HTTP, TCP, Exec and TTL is set.
+type CheckSpec struct {
+	HTTP                   *HTTPCheck `json:"http,omitempty"`
+	TCP                    *TCPCheck  `json:"tcp,omitempty"`
+	Exec                   *ExecCheck `json:"exec,omitempty"`
+	TTL                    Duration   `json:"ttl,omitempty"`
+	Interval               Duration   `json:"interval,omitempty"`
+	Timeout                Duration   `json:"timeout,omitempty"`
+	SuccessBeforePassing   int        `json:"successBeforePassing,omitempty"`
+	FailuresBeforeCritical int        `json:"failuresBeforeCritical,omitempty"`
+}
+
+// HTTPCheck passes on a 2xx answer.
+type HTTPCheck struct {
+	Port int    `json:"port"`
+	Path string `json:"path,omitempty"`
+}
+
+// TCPCheck passes when a connection opens.
+type TCPCheck struct {
+	Port int `json:"port"`
+}
+
+// ExecCheck runs a command inside the container; exit 0 passes, 1 warns.
+type ExecCheck struct {
+	Command []string `json:"command"`
+}
+
+// UpdatePolicy governs rolling updates.
+type UpdatePolicy struct {
+	MaxParallel    int      `json:"maxParallel,omitempty"`
+	MaxSurge       *int     `json:"maxSurge,omitempty"`
+	HealthDeadline Duration `json:"healthDeadline,omitempty"`
+	AutoRollback   bool     `json:"autoRollback,omitempty"`
+}
+
+// Restart policies.
+const (
+	RestartAlways    = "always"
+	RestartOnFailure = "on-failure"
+	RestartNever     = "never"
+)
+
+// RestartPolicy says when a stopped container is restarted.
+type RestartPolicy struct {
+	Policy string `json:"policy,omitempty"`
+	// MaxRestarts bounds on-failure restarts (0: unbounded).
+	MaxRestarts int      `json:"maxRestarts,omitempty"`
+	Delay       Duration `json:"delay,omitempty"`
+	MaxDelay    Duration `json:"maxDelay,omitempty"`
+}
+
+// Placement strategies.
+const (
+	StrategyBinpack = "binpack"
+	StrategySpread  = "spread"
+)
+
+// Placement constrains and scores where instances go.
+type Placement struct {
+	Strategy    string   `json:"strategy,omitempty"`
+	Constraints []string `json:"constraints,omitempty"`
+	MaxPerNode  int      `json:"maxPerNode,omitempty"`
+}
+
+// SecuritySpec hardens the container beyond berth's defaults.
+type SecuritySpec struct {
+	User                   string `json:"user,omitempty"`
+	ReadOnlyRootFilesystem bool   `json:"readOnlyRootFilesystem,omitempty"`
+}
+
+// Service is a stored service: its spec and what berth made of it.
+type Service struct {
+	Name string      `json:"name"`
+	Spec ServiceSpec `json:"spec"`
+	// Generation counts changes of the spec; it starts at 1.
+	Generation int64         `json:"generation"`
+	Status     ServiceStatus `json:"status"`
+	Meta
+}
+
+// ServiceStatus summarises a service's instances and rollout.
+type ServiceStatus struct {
+	Running int    `json:"running"`
+	Healthy int    `json:"healthy"`
+	Rollout string `json:"rollout,omitempty"`
+	Message string `json:"message,omitempty"`
+}
+
+// ApplyResult answers an apply: the stored service and what changed.
+type ApplyResult struct {
+	Service Service  `json:"service"`
+	Created bool     `json:"created"`
+	Changed []string `json:"changed,omitempty"`
+}
+
+// Instance states.
+const (
+	InstancePending  = "pending"
+	InstanceStarting = "starting"
+	InstanceRunning  = "running"
+	InstanceExited   = "exited"
+	InstanceFailed   = "failed"
+	InstanceStopped  = "stopped"
+	InstanceUnknown  = "unknown"
+)
+
+// Health states.
+const (
+	HealthPassing  = "passing"
+	HealthWarning  = "warning"
+	HealthCritical = "critical"
+)
+
+// Instance is one placed copy of a service.
+type Instance struct {
+	ID         string `json:"id"`
+	Service    string `json:"service"`
+	Generation int64  `json:"generation"`
+	Node       string `json:"node,omitempty"`
+	// DesiredState is running or stopped.
+	DesiredState string         `json:"desiredState"`
+	Resources    ResourceSpec   `json:"resources,omitzero"`
+	Status       InstanceStatus `json:"status"`
+	Meta
+}
+
+// InstanceStatus is what the node's agent observed.
+type InstanceStatus struct {
+	State      string        `json:"state"`
+	Reason     string        `json:"reason,omitempty"`
+	Message    string        `json:"message,omitempty"`
+	ExitCode   *int          `json:"exitCode,omitempty"`
+	Restarts   int           `json:"restarts,omitempty"`
+	StartedAt  time.Time     `json:"startedAt,omitzero"`
+	FinishedAt time.Time     `json:"finishedAt,omitzero"`
+	Health     string        `json:"health,omitempty"`
+	VNICs      []VNIC        `json:"vnics,omitempty"`
+	Ports      []PortBinding `json:"ports,omitempty"`
+}
+
+// VNIC is an instance's virtual NIC on one network.
+type VNIC struct {
+	Network   string `json:"network"`
+	Interface string `json:"interface"`
+	MAC       string `json:"mac"`
+	IP        string `json:"ip"`
+}
+
+// PortBinding is a named port as reachable on an instance.
+type PortBinding struct {
+	Name     string `json:"name"`
+	Port     int    `json:"port"`
+	Protocol string `json:"protocol,omitempty"`
+	HostPort int    `json:"hostPort,omitempty"`
+}
+
+// RegistrationSpec is what a client sends to register an external instance.
+type RegistrationSpec struct {
+	Address string            `json:"address"`
+	Port    int               `json:"port"`
+	Ports   map[string]int    `json:"ports,omitempty"`
+	Meta    map[string]string `json:"meta,omitempty"`
+	// TTL: the registration expires when no heartbeat comes for this long.
+	TTL Duration `json:"ttl,omitempty"`
+	// Health defaults to passing.
+	Health string `json:"health,omitempty"`
+}
+
+// Registration is an external instance in the service registry.
+type Registration struct {
+	Service string `json:"service"`
+	ID      string `json:"id"`
+	RegistrationSpec
+	Meta
+}
+
+// Event types of a watch stream.
+const (
+	EventPut      = "put"
+	EventDelete   = "delete"
+	EventBookmark = "bookmark"
+	EventError    = "error"
+)
+
+// Event is one line of a watch stream. Revisions increase along a stream; a
+// client that reconnects with ?revision=R gets every event after R.
+type Event struct {
+	Type     string          `json:"type"`
+	Kind     string          `json:"kind,omitempty"`
+	Name     string          `json:"name,omitempty"`
+	Revision int64           `json:"revision"`
+	Object   json.RawMessage `json:"object,omitempty"`
+	Error    *Error          `json:"error,omitempty"`
+}
+
+// List is the answer of a list endpoint.
+type List[T any] struct {
+	Items []T `json:"items"`
+	// Revision is the store revision the list was read at; a watch from it
+	// sees every later change.
+	Revision int64 `json:"revision"`
+}
+
+// Kinds of objects, as named in watch events and URLs.
+const (
+	KindNode         = "node"
+	KindNetwork      = "network"
+	KindService      = "service"
+	KindInstance     = "instance"
+	KindRegistration = "registration"
+)
+
+// SetRevision records the store revision on an object.
+func (m *Meta) SetRevision(rev int64) { m.Revision = rev }

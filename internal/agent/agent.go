@@ -1,0 +1,208 @@
+// Package agent is berth's per-machine half: it registers its node with the
+// server through the API (never etcd), keeps the node's lease alive with
+// heartbeats, and releases it on a graceful stop. Later it also runs the
+// node's containers, networks and health checks.
+package agent
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/client"
+)
+
+// Config describes the node an agent runs on.
+type Config struct {
+	Name    string
+	Address string
+	Labels  map[string]string
+	// Reserved is kept back from the machine's capacity for the system.
+	Reserved api.Resources
+	// TTL is how long the node stays ready without a heartbeat.
+	TTL     time.Duration
+	Version string
+}
+
+// Agent keeps one node registered.
+type Agent struct {
+	c     *client.Client
+	cfg   Config
+	log   *slog.Logger
+	ready chan struct{}
+}
+
+// New returns an agent; missing name, address and TTL are filled from the machine.
+func New(c *client.Client, cfg Config, log *slog.Logger) (*Agent, error) {
+	if cfg.Name == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("agent: node name: %w", err)
+		}
+		cfg.Name = strings.ToLower(h)
+	}
+	if why := api.ValidNodeName(cfg.Name); why != "" {
+		return nil, fmt.Errorf("agent: node name: %s", why)
+	}
+	if cfg.Address == "" {
+		cfg.Address = DetectAddress()
+	}
+	if cfg.TTL == 0 {
+		cfg.TTL = 10 * time.Second
+	}
+	return &Agent{c: c, cfg: cfg, log: log.With("node", cfg.Name), ready: make(chan struct{})}, nil
+}
+
+// Ready is closed once the node is first registered.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
+
+// Name is the node's name.
+func (a *Agent) Name() string { return a.cfg.Name }
+
+// Registration is what the agent tells the server about its node.
+func (a *Agent) Registration() (api.NodeRegistration, error) {
+	capa, err := Capacity()
+	if err != nil {
+		return api.NodeRegistration{}, err
+	}
+	alloc := api.Resources{CPU: max(0, capa.CPU-a.cfg.Reserved.CPU), Memory: max(0, capa.Memory-a.cfg.Reserved.Memory)}
+	return api.NodeRegistration{Address: a.cfg.Address, Labels: a.cfg.Labels, Capacity: capa,
+		Allocatable: alloc, TTL: api.Duration(a.cfg.TTL), AgentVersion: a.cfg.Version}, nil
+}
+
+// Register registers the node once.
+func (a *Agent) Register(ctx context.Context) (api.Node, error) {
+	reg, err := a.Registration()
+	if err != nil {
+		return api.Node{}, err
+	}
+	n, err := a.c.RegisterNode(ctx, a.cfg.Name, reg)
+	if err != nil {
+		return api.Node{}, fmt.Errorf("register node %s: %w", a.cfg.Name, err)
+	}
+	return n, nil
+}
+
+// Run registers the node and heartbeats until ctx ends, then releases the
+// node's lease so that it is down at once.
+func (a *Agent) Run(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	for {
+		_, err := a.Register(ctx)
+		if err == nil {
+			break
+		}
+		var ae *api.Error
+		if errors.As(err, &ae) && ae.Status == 400 {
+			return err // the server refuses this node: retrying cannot help
+		}
+		a.log.Warn("agent: cannot register yet", "err", err)
+		if !sleep(ctx, backoff) {
+			return nil
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+	a.log.Info("agent: node registered", "address", a.cfg.Address, "ttl", a.cfg.TTL)
+	close(a.ready)
+	interval := a.cfg.TTL / 3
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
+			defer cancel()
+			if err := a.c.ReleaseNode(rctx, a.cfg.Name); err != nil {
+				a.log.Warn("agent: release lease", "err", err)
+			} else {
+				a.log.Info("agent: node lease released")
+			}
+			return nil
+		case <-t.C:
+		}
+		hctx, cancel := context.WithTimeout(ctx, interval)
+		hb, err := a.c.Heartbeat(hctx, a.cfg.Name)
+		cancel()
+		switch {
+		case err != nil:
+			if ctx.Err() == nil {
+				a.log.Warn("agent: heartbeat failed", "err", err)
+			}
+		case !hb.Registered:
+			a.log.Warn("agent: the server forgot this node; registering again")
+			if _, err := a.Register(ctx); err != nil {
+				a.log.Warn("agent: register", "err", err)
+			}
+		}
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// Capacity reads the machine's CPUs and memory.
+func Capacity() (api.Resources, error) {
+	mem, err := memTotal("/proc/meminfo")
+	if err != nil {
+		return api.Resources{}, err
+	}
+	return api.Resources{CPU: api.CPU(runtime.NumCPU() * 1000), Memory: mem}, nil
+}
+
+func memTotal(path string) (api.Bytes, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, fmt.Errorf("read memory size: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 2 && fields[0] == "MemTotal:" {
+			kb, err := strconv.ParseInt(fields[1], 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("parse MemTotal: %w", err)
+			}
+			return api.Bytes(kb * 1024), nil
+		}
+	}
+	return 0, fmt.Errorf("no MemTotal in %s", path)
+}
+
+// DetectAddress picks the node's address: the first global unicast IPv4
+// address of an interface that is up, else loopback.
+func DetectAddress() string {
+	ifaces, err := net.Interfaces()
+	if err != nil {
+		return "127.0.0.1"
+	}
+	for _, ifc := range ifaces {
+		if ifc.Flags&net.FlagUp == 0 || ifc.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		addrs, _ := ifc.Addrs()
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil && ipn.IP.IsGlobalUnicast() {
+				return ipn.IP.String()
+			}
+		}
+	}
+	return "127.0.0.1"
+}

@@ -1,0 +1,409 @@
+package server
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"reflect"
+	"slices"
+	"time"
+
+	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/internal/store"
+)
+
+func notFound(kind, name string) error {
+	return apiError(http.StatusNotFound, api.CodeNotFound, "%s %q not found", kind, name)
+}
+
+// getOne answers GET of one stored object.
+func (s *Server) getOne(w http.ResponseWriter, r *http.Request, kind, key, name string) error {
+	kv, err := s.st.GetKV(r.Context(), key)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound(kind, name)
+	}
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, s.decorate(kind, kv.Key, kv.Value, kv.ModRevision))
+	return nil
+}
+
+// --- networks ---
+
+func (s *Server) listNetworks(w http.ResponseWriter, r *http.Request) error {
+	return s.serveList(w, r, keyNetworks, api.KindNetwork, nil)
+}
+
+func (s *Server) getNetwork(w http.ResponseWriter, r *http.Request) error {
+	name := r.PathValue("name")
+	return s.getOne(w, r, api.KindNetwork, keyNetworks+name, name)
+}
+
+// createNetwork stores a network; names and subnets are unique. One index
+// key, compared in the same transaction, serialises network creation so
+// that two overlapping subnets can never both be accepted.
+func (s *Server) createNetwork(w http.ResponseWriter, r *http.Request) error {
+	var spec api.NetworkSpec
+	if err := decode(r, &spec, "network", ""); err != nil {
+		return err
+	}
+	spec.Normalize()
+	if err := validated("network", spec.Validate()); err != nil {
+		return err
+	}
+	ctx := r.Context()
+	for {
+		idxRev, err := s.st.Get(ctx, keyNetworksIndex, nil)
+		if err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		kvs, _, err := s.st.List(ctx, keyNetworks)
+		if err != nil {
+			return err
+		}
+		for _, kv := range kvs {
+			var n api.Network
+			if json.Unmarshal(kv.Value, &n) != nil {
+				continue
+			}
+			if n.Name == spec.Name {
+				return apiError(http.StatusConflict, api.CodeConflict, "network %q already exists", spec.Name)
+			}
+			if api.Overlaps(n.Subnet, spec.Subnet) {
+				return invalid("network", api.FieldErrors{{Field: "subnet",
+					Reason: fmt.Sprintf("%s overlaps network %q (%s)", spec.Subnet, n.Name, n.Subnet)}})
+			}
+		}
+		now := time.Now().UTC()
+		n := api.Network{NetworkSpec: spec}
+		n.CreatedAt, n.UpdatedAt = now, now
+		rev, err := s.st.Txn(ctx,
+			store.Write{Key: keyNetworksIndex, Value: map[string]string{"last": spec.Name}, Expect: idxRev},
+			store.Write{Key: keyNetworks + spec.Name, Value: n, Expect: 0})
+		if errors.Is(err, store.ErrConflict) || errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		n.Revision = rev
+		writeJSON(w, http.StatusCreated, n)
+		return nil
+	}
+}
+
+func (s *Server) deleteNetwork(w http.ResponseWriter, r *http.Request) error {
+	name := r.PathValue("name")
+	ctx := r.Context()
+	rev, err := s.st.Get(ctx, keyNetworks+name, nil)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound("network", name)
+	}
+	if err != nil {
+		return err
+	}
+	kvs, _, err := s.st.List(ctx, keyServices)
+	if err != nil {
+		return err
+	}
+	var users []string
+	for _, kv := range kvs {
+		var svc api.Service
+		if json.Unmarshal(kv.Value, &svc) == nil && slices.Contains(svc.Spec.Networks, name) {
+			users = append(users, svc.Name)
+		}
+	}
+	if len(users) > 0 {
+		return apiError(http.StatusConflict, api.CodeConflict, "network %q is in use by services %v", name, users)
+	}
+	if _, err := s.st.Delete(ctx, keyNetworks+name, rev); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// --- services ---
+
+func (s *Server) listServices(w http.ResponseWriter, r *http.Request) error {
+	return s.serveList(w, r, keyServices, api.KindService, nil)
+}
+
+func (s *Server) getService(w http.ResponseWriter, r *http.Request) error {
+	name := r.PathValue("name")
+	return s.getOne(w, r, api.KindService, keyServices+name, name)
+}
+
+// applyService creates a service or updates its spec. A spec equal to the
+// stored one (after defaults) changes nothing; any other change bumps the
+// generation.
+func (s *Server) applyService(w http.ResponseWriter, r *http.Request) error {
+	var spec api.ServiceSpec
+	if err := decode(r, &spec, "service", "spec"); err != nil {
+		return err
+	}
+	if name := r.PathValue("name"); name != "" && spec.Name == "" {
+		spec.Name = name
+	} else if name != "" && spec.Name != name {
+		return invalid("service", api.FieldErrors{{Field: "spec.name", Reason: fmt.Sprintf("%q does not match the URL's %q", spec.Name, name)}})
+	}
+	spec.Normalize()
+	if err := validated("service", spec.Validate()); err != nil {
+		return err
+	}
+	ctx := r.Context()
+	var fe api.FieldErrors
+	for i, n := range spec.Networks {
+		if _, err := s.st.Get(ctx, keyNetworks+n, nil); errors.Is(err, store.ErrNotFound) {
+			fe = append(fe, api.FieldError{Field: fmt.Sprintf("spec.networks[%d]", i), Reason: fmt.Sprintf("network %q does not exist", n)})
+		} else if err != nil {
+			return err
+		}
+	}
+	if len(fe) > 0 {
+		return invalid("service", fe)
+	}
+	for {
+		var old api.Service
+		rev, err := s.st.Get(ctx, keyServices+spec.Name, &old)
+		if err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		now := time.Now().UTC()
+		res := api.ApplyResult{Created: rev == 0}
+		svc := api.Service{Name: spec.Name, Spec: spec, Generation: 1}
+		svc.CreatedAt, svc.UpdatedAt = now, now
+		if rev != 0 {
+			res.Changed = specChanges(old.Spec, spec)
+			if len(res.Changed) == 0 {
+				old.Revision = rev
+				res.Service = old
+				writeJSON(w, http.StatusOK, res)
+				return nil
+			}
+			svc = old
+			svc.Spec = spec
+			svc.Generation = old.Generation + 1
+			svc.UpdatedAt = now
+		}
+		newRev, err := s.st.Put(ctx, keyServices+spec.Name, svc, rev)
+		if errors.Is(err, store.ErrConflict) || errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		svc.Revision = newRev
+		res.Service = svc
+		status := http.StatusOK
+		if res.Created {
+			status = http.StatusCreated
+		}
+		s.log.Info("service applied", "service", spec.Name, "generation", svc.Generation, "created", res.Created, "changed", res.Changed)
+		writeJSON(w, status, res)
+		return nil
+	}
+}
+
+// specChanges names the top-level spec fields that differ.
+func specChanges(a, b api.ServiceSpec) []string {
+	var out []string
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	t := va.Type()
+	for i := range t.NumField() {
+		ja, _ := json.Marshal(va.Field(i).Interface())
+		jb, _ := json.Marshal(vb.Field(i).Interface())
+		if !bytes.Equal(ja, jb) {
+			name := t.Field(i).Tag.Get("json")
+			if j := bytes.IndexByte([]byte(name), ','); j >= 0 {
+				name = name[:j]
+			}
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+func (s *Server) deleteService(w http.ResponseWriter, r *http.Request) error {
+	name := r.PathValue("name")
+	rev, err := s.st.Get(r.Context(), keyServices+name, nil)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound("service", name)
+	}
+	if err != nil {
+		return err
+	}
+	if _, err := s.st.Delete(r.Context(), keyServices+name, rev); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// --- instances ---
+
+func (s *Server) listInstances(w http.ResponseWriter, r *http.Request) error {
+	svc, node := r.URL.Query().Get("service"), r.URL.Query().Get("node")
+	var keep func([]byte) bool
+	if svc != "" || node != "" {
+		keep = func(raw []byte) bool {
+			var in struct{ Service, Node string }
+			if json.Unmarshal(raw, &in) != nil {
+				return false
+			}
+			return (svc == "" || in.Service == svc) && (node == "" || in.Node == node)
+		}
+	}
+	return s.serveList(w, r, keyInstances, api.KindInstance, keep)
+}
+
+func (s *Server) getInstance(w http.ResponseWriter, r *http.Request) error {
+	id := r.PathValue("id")
+	return s.getOne(w, r, api.KindInstance, keyInstances+id, id)
+}
+
+// putInstanceStatus records what an agent observed of an instance.
+func (s *Server) putInstanceStatus(w http.ResponseWriter, r *http.Request) error {
+	id := r.PathValue("id")
+	var st api.InstanceStatus
+	if err := decode(r, &st, "instance status", "status"); err != nil {
+		return err
+	}
+	if err := validated("instance status", st.Validate()); err != nil {
+		return err
+	}
+	ctx := r.Context()
+	for {
+		var in api.Instance
+		rev, err := s.st.Get(ctx, keyInstances+id, &in)
+		if errors.Is(err, store.ErrNotFound) {
+			return notFound("instance", id)
+		}
+		if err != nil {
+			return err
+		}
+		in.Status = st
+		in.UpdatedAt = time.Now().UTC()
+		newRev, err := s.st.Put(ctx, keyInstances+id, in, rev)
+		if errors.Is(err, store.ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		in.Revision = newRev
+		writeJSON(w, http.StatusOK, in)
+		return nil
+	}
+}
+
+// --- registrations ---
+
+func regKey(service, id string) string { return keyRegistrations + service + "/" + id }
+
+func (s *Server) listAllRegistrations(w http.ResponseWriter, r *http.Request) error {
+	return s.serveList(w, r, keyRegistrations, api.KindRegistration, nil)
+}
+
+func (s *Server) listRegistrations(w http.ResponseWriter, r *http.Request) error {
+	name := r.PathValue("name")
+	if why := api.ValidName(name); why != "" {
+		return invalid("registration", api.FieldErrors{{Field: "service", Reason: why}})
+	}
+	return s.serveList(w, r, keyRegistrations+name+"/", api.KindRegistration, nil)
+}
+
+func (s *Server) getRegistration(w http.ResponseWriter, r *http.Request) error {
+	name, id := r.PathValue("name"), r.PathValue("id")
+	return s.getOne(w, r, api.KindRegistration, regKey(name, id), name+"/"+id)
+}
+
+// register stores an external instance under a lease of its TTL; the same id
+// registered again is updated in place, never duplicated.
+func (s *Server) register(w http.ResponseWriter, r *http.Request) error {
+	name, id := r.PathValue("name"), r.PathValue("id")
+	var spec api.RegistrationSpec
+	if err := decode(r, &spec, "registration", ""); err != nil {
+		return err
+	}
+	spec.Normalize()
+	if err := validated("registration", spec.Validate(name, id)); err != nil {
+		return err
+	}
+	ctx := r.Context()
+	key := regKey(name, id)
+	old, err := s.st.GetKV(ctx, key)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return err
+	}
+	lease, err := s.st.Grant(ctx, spec.TTL.D())
+	if err != nil {
+		return err
+	}
+	now := time.Now().UTC()
+	reg := api.Registration{Service: name, ID: id, RegistrationSpec: spec}
+	reg.CreatedAt, reg.UpdatedAt = now, now
+	if old.Value != nil {
+		var prev api.Registration
+		if json.Unmarshal(old.Value, &prev) == nil {
+			reg.CreatedAt = prev.CreatedAt
+		}
+	}
+	rev, err := s.st.PutLease(ctx, key, reg, lease)
+	if err != nil {
+		_ = s.st.Revoke(ctx, lease)
+		return err
+	}
+	if old.Lease != 0 && old.Lease != lease {
+		// The key now hangs on the new lease; ending the old one leaves it.
+		_ = s.st.Revoke(ctx, old.Lease)
+	}
+	reg.Revision = rev
+	status := http.StatusOK
+	if old.Value == nil {
+		status = http.StatusCreated
+	}
+	writeJSON(w, status, reg)
+	return nil
+}
+
+// renew is a registration's heartbeat.
+func (s *Server) renew(w http.ResponseWriter, r *http.Request) error {
+	name, id := r.PathValue("name"), r.PathValue("id")
+	kv, err := s.st.GetKV(r.Context(), regKey(name, id))
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound("registration", name+"/"+id)
+	}
+	if err != nil {
+		return err
+	}
+	if err := s.st.KeepAlive(r.Context(), kv.Lease); errors.Is(err, store.ErrNoLease) {
+		return notFound("registration", name+"/"+id)
+	} else if err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) deregister(w http.ResponseWriter, r *http.Request) error {
+	name, id := r.PathValue("name"), r.PathValue("id")
+	kv, err := s.st.GetKV(r.Context(), regKey(name, id))
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound("registration", name+"/"+id)
+	}
+	if err != nil {
+		return err
+	}
+	if _, err := s.st.Delete(r.Context(), kv.Key, kv.ModRevision); err != nil {
+		return err
+	}
+	if kv.Lease != 0 {
+		_ = s.st.Revoke(r.Context(), kv.Lease)
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
