@@ -332,7 +332,7 @@ func (c *Client) Watch(ctx context.Context, path string, from int64) (*Stream, e
 // Next blocks for the next event. An error event from the server comes back
 // as an *api.Error (IsGone: list again).
 func (s *Stream) Next() (api.Event, error) {
-	for s.sc.Scan() {
+	if s.sc.Scan() {
 		var ev api.Event
 		if err := json.Unmarshal(s.sc.Bytes(), &ev); err != nil {
 			return api.Event{}, fmt.Errorf("watch: bad event: %w", err)

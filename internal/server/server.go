@@ -50,9 +50,6 @@ type Server struct {
 
 	hbMu       sync.Mutex
 	heartbeats map[string]time.Time // last heartbeat seen by this server, per node
-
-	leader chan struct{} // closed while this server leads; replaced on loss
-	lmu    sync.Mutex
 }
 
 // New returns a server over st. Run must be called to fill its cache and

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Brings up berth on this machine (berth dev: server, embedded etcd and an
+# agent, on loopback) and runs the demo end to end. Leaves berth running;
+# `scripts/demo.sh stop` stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$(pwd)
+state="$top/.berth"
+export BERTH_ADDR="${BERTH_ADDR:-127.0.0.1:7480}"
+berth="$top/bin/berth"
+
+stop() {
+  if [ -f "$state/dev.pid" ]; then
+    pid=$(cat "$state/dev.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      echo "berth dev (pid $pid) stopped"
+    fi
+    rm -f "$state/dev.pid"
+  fi
+}
+if [ "${1:-}" = stop ]; then stop; exit 0; fi
+
+./scripts/install.sh
+stop
+mkdir -p "$state"
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+
+"$berth" dev --data-dir "$state/data" --api-addr "$BERTH_ADDR" >"$state/dev.out" 2>"$state/dev.log" &
+echo $! >"$state/dev.pid"
+for _ in $(seq 200); do
+  grep -q "ready in" "$state/dev.out" 2>/dev/null && break
+  kill -0 "$(cat "$state/dev.pid")" 2>/dev/null || { cat "$state/dev.log" >&2; exit 1; }
+  sleep 0.05
+done
+cat "$state/dev.out"
+
+step berth node ls
+"$berth" node ls
+step berth node ls -o json
+"$berth" node ls -o json
+step berth network create demo --subnet 10.90.0.0/24
+"$berth" network create demo --subnet 10.90.0.0/24 2>/dev/null || "$berth" network inspect demo
+step berth apply -f examples/web.yaml
+"$berth" apply -f examples/web.yaml
+step berth service ls
+"$berth" service ls
+step "berth apply -f - (a bad spec is refused, naming the field)"
+printf 'name: web\nimage: busybox:1\nreplicas: -1\n' | "$berth" apply -f - || true
+
+printf '\nberth dev is running (pid %s, API http://%s, log %s).\n' "$(cat "$state/dev.pid")" "$BERTH_ADDR" "$state/dev.log"
+printf 'Try: bin/berth node inspect %s   |   Stop it: scripts/demo.sh stop\n' "$("$berth" node ls -o json | sed -n 's/^    "name": "\(.*\)",$/\1/p' | head -1)"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs what berth needs on Debian 12 (as root), pinned, and builds bin/berth.
+# Safe to run again: it installs only what is missing or at another version.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export PATH="/usr/local/go/bin:$PATH"
+export PATH="$(go env GOPATH 2>/dev/null || echo /root/go)/bin:$PATH"
+
+STATICCHECK_VERSION=v0.8.2   # honnef.co/go/tools; supports Go 1.26
+GO_MIN=1.26
+
+log() { printf 'install: %s\n' "$*"; }
+
+if ! command -v go >/dev/null; then
+  echo "install: Go $GO_MIN or newer is required (expected at /usr/local/go)" >&2
+  exit 1
+fi
+gov=$(go env GOVERSION | sed 's/^go//')
+if [ "$(printf '%s\n%s\n' "$GO_MIN" "$gov" | sort -V | head -1)" != "$GO_MIN" ]; then
+  echo "install: Go $GO_MIN or newer is required, found $gov" >&2
+  exit 1
+fi
+
+# Debian packages, by the command each provides.
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install: run as root to install ${need[*]}" >&2
+    exit 1
+  fi
+  log "apt-get install ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Go tools, pinned.
+if ! staticcheck -version 2>/dev/null | grep -q "${STATICCHECK_VERSION#v}"; then
+  log "go install staticcheck@$STATICCHECK_VERSION"
+  go install "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION"
+fi
+
+log "go mod download"
+go mod download
+log "building bin/berth"
+mkdir -p bin
+go build -o bin/berth ./cmd/berth
+log "done: $(bin/berth --version)"
