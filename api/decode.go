@@ -19,6 +19,9 @@ const MaxBodyBytes = 4 << 20
 // wrong types, trailing data and malformed JSON are refused with a
 // FieldErrors whose field paths start at root (for example "spec").
 func Decode(data []byte, v any, root string) error {
+	if t := bytes.TrimSpace(data); bytes.Equal(t, []byte("null")) {
+		return FieldErrors{{Field: root, Reason: "a JSON object is required, not null"}}
+	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -51,7 +54,11 @@ func describe(err error, data []byte, v any, root string) error {
 	case errors.As(err, &syn):
 		return FieldErrors{{Field: root, Reason: fmt.Sprintf("malformed JSON at byte %d: %s", syn.Offset, syn.Error())}}
 	case errors.As(err, &typ):
-		field := join(root, typ.Field)
+		path := typ.Field
+		if p, ok := typePath(data, reflect.TypeOf(v), typ); ok {
+			path = p
+		}
+		field := join(root, path)
 		want := typeName(typ.Type)
 		return FieldErrors{{Field: field, Reason: fmt.Sprintf("must be %s, not %s", want, typ.Value)}}
 	}
@@ -256,4 +263,115 @@ func walkLeaf(raw any, t reflect.Type, path string) (string, string, bool) {
 		}
 	}
 	return "", "", false
+}
+
+// typePath finds the value that encoding/json refused with typ: typ.Field
+// names struct fields only, without list indices or map keys
+// ("ports.port"), so walk data to name the element ("ports[1].port").
+func typePath(data []byte, t reflect.Type, typ *json.UnmarshalTypeError) (string, bool) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var raw any
+	if dec.Decode(&raw) != nil {
+		return "", false
+	}
+	return walkType(raw, t, "", "", typ)
+}
+
+// walkType walks raw beside type t; path is the place in data and fields the
+// same place as encoding/json names it.
+func walkType(raw any, t reflect.Type, path, fields string, typ *json.UnmarshalTypeError) (string, bool) {
+	pt := t
+	t = deref(t)
+	if !t.Implements(reflect.TypeFor[json.Unmarshaler]()) && !reflect.PointerTo(t).Implements(reflect.TypeFor[json.Unmarshaler]()) {
+		switch t.Kind() {
+		case reflect.Struct:
+			if obj, ok := raw.(map[string]any); ok {
+				fs := fieldsOf(t)
+				for _, k := range slices.Sorted(maps.Keys(obj)) {
+					if ft, ok := lookupField(fs, k); ok {
+						// Name the field as encoding/json does: "Replicas" is "replicas".
+						n := errorName(t, k)
+						name := n[strings.LastIndex(n, ".")+1:]
+						if p, ok := walkType(obj[k], ft, join(path, name), join(fields, n), typ); ok {
+							return p, true
+						}
+					}
+				}
+			}
+		case reflect.Slice, reflect.Array:
+			if list, ok := raw.([]any); ok {
+				for i, v := range list {
+					if p, ok := walkType(v, t.Elem(), fmt.Sprintf("%s[%d]", path, i), fields, typ); ok {
+						return p, true
+					}
+				}
+			}
+		case reflect.Map:
+			if obj, ok := raw.(map[string]any); ok {
+				for _, k := range slices.Sorted(maps.Keys(obj)) {
+					if p, ok := walkType(obj[k], t.Elem(), join(path, k), fields, typ); ok {
+						return p, true
+					}
+				}
+			}
+		}
+	}
+	if fields != typ.Field {
+		return "", false
+	}
+	b, err := json.Marshal(raw)
+	if err != nil {
+		return "", false
+	}
+	var here *json.UnmarshalTypeError
+	err = json.Unmarshal(b, reflect.New(pt).Interface())
+	if errors.As(err, &here) && here.Field == "" && here.Type == typ.Type && here.Value == typ.Value {
+		return path, true
+	}
+	return "", false
+}
+
+// errorName names the field of struct t that JSON key matches as
+// encoding/json does in an UnmarshalTypeError: its JSON name, after the Go
+// names of the embedded structs it is promoted from ("NodeRegistration.address").
+func errorName(t reflect.Type, key string) string {
+	if n, ok := goName(t, key, false); ok {
+		return n
+	}
+	if n, ok := goName(t, key, true); ok {
+		return n
+	}
+	return key
+}
+
+func goName(t reflect.Type, key string, fold bool) (string, bool) {
+	var embedded []reflect.StructField
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if name == "-" {
+			continue
+		}
+		if f.Anonymous && name == "" && deref(f.Type).Kind() == reflect.Struct {
+			embedded = append(embedded, f)
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		if name == key || fold && strings.EqualFold(name, key) {
+			return name, true
+		}
+	}
+	// A promoted field is shadowed by a direct one of the same name.
+	for _, f := range embedded {
+		if n, ok := goName(deref(f.Type), key, fold); ok {
+			return f.Name + "." + n, true
+		}
+	}
+	return "", false
 }

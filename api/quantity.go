@@ -21,7 +21,8 @@ func ParseCPU(s string) (CPU, error) {
 	}
 	if m, ok := strings.CutSuffix(s, "m"); ok {
 		v, err := strconv.ParseInt(m, 10, 64)
-		if err != nil || v < 0 {
+		// Same bound as cores (1e12), so that String() reads back.
+		if err != nil || v < 0 || v > 1e15 {
 			return 0, fmt.Errorf("%q is not a CPU quantity (like 250m or 1.5)", s)
 		}
 		return CPU(v), nil
@@ -45,6 +46,9 @@ func (c CPU) MarshalJSON() ([]byte, error) { return json.Marshal(c.String()) }
 
 // UnmarshalJSON accepts a quantity string or a number of cores.
 func (c *CPU) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil
+	}
 	var s string
 	if len(b) > 0 && b[0] != '"' {
 		s = string(b)
@@ -108,7 +112,8 @@ func (b Bytes) String() string {
 func (b Bytes) Human() string {
 	v := float64(b)
 	for _, u := range []string{"", "Ki", "Mi", "Gi", "Ti"} {
-		if v < 1024 || u == "Ti" {
+		// 1023.95 and above prints as "1024.0": go on to the next unit.
+		if v < 1023.95 || u == "Ti" {
 			if v == float64(int64(v)) {
 				return fmt.Sprintf("%d%s", int64(v), u)
 			}
@@ -124,6 +129,9 @@ func (b Bytes) MarshalJSON() ([]byte, error) { return json.Marshal(b.String()) }
 
 // UnmarshalJSON accepts a quantity string or a number of bytes.
 func (b *Bytes) UnmarshalJSON(data []byte) error {
+	if string(data) == "null" {
+		return nil
+	}
 	var s string
 	if len(data) > 0 && data[0] != '"' {
 		s = string(data)
@@ -151,6 +159,9 @@ func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Durat
 
 // UnmarshalJSON accepts a duration string such as "1.5s".
 func (d *Duration) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil
+	}
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
 		return fmt.Errorf("a duration is a string like \"10s\"")

@@ -15,6 +15,7 @@ var (
 	envKeyRE   = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 	imageRE    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$`)
 	idRE       = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$`)
+	userRE     = regexp.MustCompile(`^[0-9]+(:[0-9]+)?$|^[a-z_][a-z0-9_-]*$`)
 )
 
 // ValidName reports why s is not a DNS label (RFC 1123), or "" if it is one.
@@ -189,11 +190,13 @@ func (s *ServiceSpec) Normalize() {
 		}
 	}
 	if c := s.Check; c != nil {
+		// Defaults never contradict what the user wrote: an interval
+		// defaults to at least the timeout, a timeout to at most the interval.
 		if c.Interval == 0 && c.TTL == 0 {
-			c.Interval = Duration(DefaultCheckInterval)
+			c.Interval = Duration(max(DefaultCheckInterval, c.Timeout.D()))
 		}
 		if c.Timeout == 0 && c.TTL == 0 {
-			c.Timeout = Duration(DefaultCheckTimeout)
+			c.Timeout = Duration(min(DefaultCheckTimeout, c.Interval.D()))
 		}
 		if c.HTTP != nil && c.HTTP.Path == "" {
 			c.HTTP.Path = "/"
@@ -216,7 +219,7 @@ func (s *ServiceSpec) Normalize() {
 		s.Restart.Delay = Duration(DefaultRestartDelay)
 	}
 	if s.Restart.MaxDelay == 0 {
-		s.Restart.MaxDelay = Duration(DefaultRestartMax)
+		s.Restart.MaxDelay = Duration(max(DefaultRestartMax, s.Restart.Delay.D()))
 	}
 	if s.Placement.Strategy == "" {
 		s.Placement.Strategy = StrategyBinpack
@@ -349,7 +352,7 @@ func (s *ServiceSpec) Validate() error {
 		e.add("spec.placement.maxPerNode", "must be >= 0")
 	}
 	validLabels(&e, "spec.meta", s.Meta)
-	if u := s.Security.User; u != "" && !regexp.MustCompile(`^[0-9]+(:[0-9]+)?$|^[a-z_][a-z0-9_-]*$`).MatchString(u) {
+	if u := s.Security.User; u != "" && !userRE.MatchString(u) {
 		e.add("spec.security.user", "%q is not a user: a uid[:gid] or a user name", u)
 	}
 	return e.err()
