@@ -52,18 +52,35 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	writeJSON(w, ae.Status, ae)
 }
 
+// bodyField names the whole request body in field errors when the decoded
+// object has no root path of its own (root ""): a malformed or empty body is
+// reported as "body: ..." rather than with an empty field.
+const bodyField = "body"
+
 // decode reads the request body strictly into v; field paths start at root.
 func decode(r *http.Request, v any, what, root string) error {
+	whole := root
+	if whole == "" {
+		whole = bodyField
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, api.MaxBodyBytes))
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			return invalid(what, api.FieldErrors{{Field: root, Reason: fmt.Sprintf("body is larger than %d bytes", api.MaxBodyBytes)}})
+			return invalid(what, api.FieldErrors{{Field: whole, Reason: fmt.Sprintf("body is larger than %d bytes", api.MaxBodyBytes)}})
 		}
 		return apiError(http.StatusBadRequest, api.CodeInvalid, "read body: %v", err)
 	}
 	if err := api.Decode(body, v, root); err != nil {
-		fe, _ := api.AsFieldErrors(err)
+		fe, ok := api.AsFieldErrors(err)
+		if !ok {
+			fe = api.FieldErrors{{Field: whole, Reason: err.Error()}}
+		}
+		for i := range fe {
+			if fe[i].Field == "" {
+				fe[i].Field = whole
+			}
+		}
 		return invalid(what, fe)
 	}
 	return nil

@@ -130,50 +130,58 @@ func (s *Server) ensureLease(ctx context.Context, name string, ttl time.Duration
 func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) error {
 	name := r.PathValue("name")
 	ctx := r.Context()
-	var n api.Node
-	rev, err := s.st.Get(ctx, keyNodes+name, &n)
-	if errors.Is(err, store.ErrNotFound) {
-		writeJSON(w, http.StatusOK, api.HeartbeatResponse{Registered: false})
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	now := time.Now().UTC()
-	var nl nodeLease
-	if _, err := s.st.Get(ctx, keyNodeLeases+name, &nl); err == nil {
-		if err := s.st.KeepAlive(ctx, nl.Lease); err == nil {
-			s.noteHeartbeat(name, now)
-			if n.Status.State == api.NodeReady {
-				writeJSON(w, http.StatusOK, api.HeartbeatResponse{Registered: true, TTL: n.TTL})
-				return nil
-			}
-		} else if !errors.Is(err, store.ErrNoLease) {
+	for {
+		var n api.Node
+		rev, err := s.st.Get(ctx, keyNodes+name, &n)
+		if errors.Is(err, store.ErrNotFound) {
+			writeJSON(w, http.StatusOK, api.HeartbeatResponse{Registered: false})
+			return nil
+		}
+		if err != nil {
 			return err
 		}
-	} else if !errors.Is(err, store.ErrNotFound) {
-		return err
+		now := time.Now().UTC()
+		var nl nodeLease
+		if _, err := s.st.Get(ctx, keyNodeLeases+name, &nl); err == nil {
+			if err := s.st.KeepAlive(ctx, nl.Lease); err == nil {
+				s.noteHeartbeat(name, now)
+				if n.Status.State == api.NodeReady {
+					writeJSON(w, http.StatusOK, api.HeartbeatResponse{Registered: true, TTL: n.TTL})
+					return nil
+				}
+			} else if !errors.Is(err, store.ErrNoLease) {
+				return err
+			}
+		} else if !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		// The lease lapsed (or the node was marked down): bring it back.
+		lease, stale, err := s.ensureLease(ctx, name, n.TTL.D())
+		if err != nil {
+			return err
+		}
+		n.Status = api.NodeStatus{State: api.NodeReady, LastHeartbeat: now}
+		n.UpdatedAt = now
+		_, err = s.st.Txn(ctx,
+			store.Write{Key: keyNodes + name, Value: n, Expect: rev},
+			store.Write{Key: keyNodeLeases + name, Value: nodeLease{Lease: lease}, Lease: lease, Expect: -1})
+		if errors.Is(err, store.ErrConflict) {
+			// The node changed meanwhile (the liveness controller marking
+			// it down after the lapse, a registration): read it again. A
+			// lease granted for this attempt holds no key and lapses alone.
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if stale != 0 {
+			_ = s.st.Revoke(context.WithoutCancel(ctx), stale)
+		}
+		s.noteHeartbeat(name, now)
+		s.log.Info("node is back", "node", name)
+		writeJSON(w, http.StatusOK, api.HeartbeatResponse{Registered: true, TTL: n.TTL})
+		return nil
 	}
-	// The lease lapsed (or the node was marked down): bring it back.
-	lease, stale, err := s.ensureLease(ctx, name, n.TTL.D())
-	if err != nil {
-		return err
-	}
-	if stale != 0 {
-		defer func() { _ = s.st.Revoke(context.WithoutCancel(ctx), stale) }()
-	}
-	n.Status = api.NodeStatus{State: api.NodeReady, LastHeartbeat: now}
-	n.UpdatedAt = now
-	_, err = s.st.Txn(ctx,
-		store.Write{Key: keyNodes + name, Value: n, Expect: rev},
-		store.Write{Key: keyNodeLeases + name, Value: nodeLease{Lease: lease}, Lease: lease, Expect: -1})
-	if err != nil && !errors.Is(err, store.ErrConflict) {
-		return err
-	}
-	s.noteHeartbeat(name, now)
-	s.log.Info("node is back", "node", name)
-	writeJSON(w, http.StatusOK, api.HeartbeatResponse{Registered: true, TTL: n.TTL})
-	return nil
 }
 
 // releaseNode ends a node's lease at once (its agent is stopping) and marks
@@ -196,29 +204,47 @@ func (s *Server) releaseNode(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// deleteNode removes a node's record and its lease key in one transaction,
+// then ends the lease. (Revoking the lease first would let the liveness
+// controller mark the node down in between, and the delete then fail as a
+// concurrent change.)
 func (s *Server) deleteNode(w http.ResponseWriter, r *http.Request) error {
 	name := r.PathValue("name")
 	ctx := r.Context()
-	var n api.Node
-	rev, err := s.st.Get(ctx, keyNodes+name, &n)
-	if errors.Is(err, store.ErrNotFound) {
-		return apiError(http.StatusNotFound, api.CodeNotFound, "node %q not found", name)
+	for {
+		var n api.Node
+		rev, err := s.st.Get(ctx, keyNodes+name, &n)
+		if errors.Is(err, store.ErrNotFound) {
+			return apiError(http.StatusNotFound, api.CodeNotFound, "node %q not found", name)
+		}
+		if err != nil {
+			return err
+		}
+		if n.Status.State == api.NodeReady && !boolParam(r, "force") {
+			return apiError(http.StatusConflict, api.CodeConflict, "node %q is ready: stop its agent first, or delete with force", name)
+		}
+		var nl nodeLease
+		if _, err := s.st.Get(ctx, keyNodeLeases+name, &nl); err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		_, err = s.st.Txn(ctx,
+			store.Write{Key: keyNodes + name, Expect: rev},
+			store.Write{Key: keyNodeLeases + name, Expect: -1})
+		if errors.Is(err, store.ErrConflict) {
+			continue // changed meanwhile (a heartbeat, the liveness controller): check again
+		}
+		if err != nil {
+			return err
+		}
+		if nl.Lease != 0 {
+			_ = s.st.Revoke(ctx, nl.Lease)
+		}
+		s.hbMu.Lock()
+		delete(s.heartbeats, name)
+		s.hbMu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
+		return nil
 	}
-	if err != nil {
-		return err
-	}
-	if n.Status.State == api.NodeReady && !boolParam(r, "force") {
-		return apiError(http.StatusConflict, api.CodeConflict, "node %q is ready: stop its agent first, or delete with force", name)
-	}
-	var nl nodeLease
-	if _, err := s.st.Get(ctx, keyNodeLeases+name, &nl); err == nil {
-		_ = s.st.Revoke(ctx, nl.Lease)
-	}
-	if _, err := s.st.Delete(ctx, keyNodes+name, rev); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
 }
 
 // markDown records that a node has no live lease, unless it has one again.

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"reflect"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/berth-dev/berth/api"
@@ -208,23 +209,29 @@ func (s *Server) applyService(w http.ResponseWriter, r *http.Request) error {
 	}
 }
 
-// specChanges names the top-level spec fields that differ.
+// specChanges names the top-level spec fields that differ as stored: each
+// field is compared in its JSON form within the whole spec, so that an empty
+// list or map (which omitempty drops) equals an absent one.
 func specChanges(a, b api.ServiceSpec) []string {
+	wa, wb := wireFields(a), wireFields(b)
 	var out []string
-	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
-	t := va.Type()
+	t := reflect.TypeFor[api.ServiceSpec]()
 	for i := range t.NumField() {
-		ja, _ := json.Marshal(va.Field(i).Interface())
-		jb, _ := json.Marshal(vb.Field(i).Interface())
-		if !bytes.Equal(ja, jb) {
-			name := t.Field(i).Tag.Get("json")
-			if j := bytes.IndexByte([]byte(name), ','); j >= 0 {
-				name = name[:j]
-			}
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		if !bytes.Equal(wa[name], wb[name]) {
 			out = append(out, name)
 		}
 	}
 	return out
+}
+
+// wireFields is a spec's JSON encoding split by top-level field.
+func wireFields(s api.ServiceSpec) map[string]json.RawMessage {
+	m := map[string]json.RawMessage{}
+	if b, err := json.Marshal(s); err == nil {
+		_ = json.Unmarshal(b, &m)
+	}
+	return m
 }
 
 func (s *Server) deleteService(w http.ResponseWriter, r *http.Request) error {

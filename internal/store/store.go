@@ -252,7 +252,10 @@ func (s *Store) Watch(ctx context.Context, prefix string, from int64) <-chan Bat
 	out := make(chan Batch, 64)
 	go func() {
 		defer close(out)
-		wctx := clientv3.WithRequireLeader(ctx)
+		// Cancelling on return ends the etcd watch too, after an error or
+		// compaction as well as when ctx ends.
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		defer cancel()
 		wch := s.watcher.Watch(wctx, prefix, clientv3.WithPrefix(), clientv3.WithRev(from+1),
 			clientv3.WithPrevKV(), clientv3.WithProgressNotify())
 		for resp := range wch {
