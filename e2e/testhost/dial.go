@@ -15,9 +15,11 @@ import (
 
 // DialContext opens a connection from inside the host's network namespace,
 // so that the test process can reach servers bound there (its loopback
-// included). The dialing goroutine switches its locked OS thread into the
-// namespace and exits without unlocking, so the thread is discarded and no
-// other goroutine ever runs in the namespace.
+// included). The dialing goroutine locks its OS thread, switches it into the
+// namespace, dials, and switches it back before unlocking. The thread must
+// not simply be discarded: processes started with Pdeathsig from that
+// thread would get SIGKILL when it exits. Only if switching back fails is
+// the thread left locked, and so discarded.
 func (h *Host) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	type result struct {
 		c   net.Conn
@@ -26,17 +28,29 @@ func (h *Host) DialContext(ctx context.Context, network, addr string) (net.Conn,
 	ch := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
+		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: fmt.Errorf("open own netns: %w", err)}
+			return
+		}
+		defer orig.Close()
 		f, err := os.Open(h.NetnsPath)
 		if err != nil {
+			runtime.UnlockOSThread()
 			ch <- result{err: fmt.Errorf("open netns %s: %w", h.NetnsPath, err)}
 			return
 		}
 		defer f.Close()
 		if _, _, errno := syscall.RawSyscall(unix.SYS_SETNS, f.Fd(), unix.CLONE_NEWNET, 0); errno != 0 {
+			runtime.UnlockOSThread()
 			ch <- result{err: fmt.Errorf("setns %s: %w", h.NetnsPath, errno)}
 			return
 		}
 		c, err := (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, network, addr)
+		if _, _, errno := syscall.RawSyscall(unix.SYS_SETNS, orig.Fd(), unix.CLONE_NEWNET, 0); errno == 0 {
+			runtime.UnlockOSThread()
+		}
 		ch <- result{c, err}
 	}()
 	r := <-ch
