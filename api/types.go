@@ -46,6 +46,9 @@ type NodeRegistration struct {
 	// TTL is how long the node stays ready without a heartbeat.
 	TTL          Duration `json:"ttl,omitempty"`
 	AgentVersion string   `json:"agentVersion,omitempty"`
+	// AgentAddr is where the node's agent serves logs, exec and images
+	// (host:port); the server proxies to it.
+	AgentAddr string `json:"agentAddr,omitempty"`
 }
 
 // Node is a machine that runs an agent.
@@ -222,7 +225,33 @@ type Service struct {
 	// Generation counts changes of the spec; it starts at 1.
 	Generation int64         `json:"generation"`
 	Status     ServiceStatus `json:"status"`
+	// History holds earlier generations' specs, oldest first, at most
+	// MaxHistory of them.
+	History []SpecRevision `json:"history,omitempty"`
 	Meta
+}
+
+// MaxHistory bounds a service's kept spec history.
+const MaxHistory = 10
+
+// SpecRevision is one earlier generation of a service's spec.
+type SpecRevision struct {
+	Generation int64       `json:"generation"`
+	Spec       ServiceSpec `json:"spec"`
+	AppliedAt  time.Time   `json:"appliedAt"`
+}
+
+// SpecOf returns the spec of a generation, current or in the history.
+func (s *Service) SpecOf(gen int64) (ServiceSpec, bool) {
+	if gen == s.Generation {
+		return s.Spec, true
+	}
+	for _, h := range s.History {
+		if h.Generation == gen {
+			return h.Spec, true
+		}
+	}
+	return ServiceSpec{}, false
 }
 
 // ServiceStatus summarises a service's instances and rollout.
@@ -265,10 +294,67 @@ type Instance struct {
 	Generation int64  `json:"generation"`
 	Node       string `json:"node,omitempty"`
 	// DesiredState is running or stopped.
-	DesiredState string         `json:"desiredState"`
-	Resources    ResourceSpec   `json:"resources,omitzero"`
-	Status       InstanceStatus `json:"status"`
+	DesiredState string       `json:"desiredState"`
+	Resources    ResourceSpec `json:"resources,omitzero"`
+	// StopGrace is how long a stop waits after SIGTERM before SIGKILL.
+	StopGrace Duration       `json:"stopGrace,omitempty"`
+	Status    InstanceStatus `json:"status"`
 	Meta
+}
+
+// Desired states of an instance.
+const (
+	DesiredRunning = "running"
+	DesiredStopped = "stopped"
+)
+
+// DefaultStopGrace is the time between SIGTERM and SIGKILL on a stop.
+const DefaultStopGrace = 10 * time.Second
+
+// Reasons an instance is not running.
+const (
+	ReasonExited        = "exited"        // the process ended by itself
+	ReasonKilled        = "killed"        // ended by a signal
+	ReasonOOMKilled     = "OOMKilled"     // killed for exceeding its memory limit
+	ReasonImageNotFound = "ImageNotFound" // the image is not on the node
+	ReasonStartFailed   = "StartFailed"   // the runtime could not start it
+	ReasonStopped       = "stopped"       // stopped on request
+	ReasonUnschedulable = "Unschedulable" // no node can take it
+)
+
+// ExecRequest runs a command in an instance.
+type ExecRequest struct {
+	Command []string `json:"command"`
+}
+
+// ExecFrame is one line of an exec's answer: output, then the exit code.
+type ExecFrame struct {
+	Stream string `json:"stream,omitempty"` // stdout or stderr
+	Data   string `json:"data,omitempty"`
+	Exit   *int   `json:"exit,omitempty"`
+	Error  string `json:"error,omitempty"`
+}
+
+// LogLine is one line of an instance's output.
+type LogLine struct {
+	Time   time.Time `json:"t"`
+	Stream string    `json:"s"`
+	Line   string    `json:"l"`
+}
+
+// Image is an image stored on a node.
+type Image struct {
+	Node    string    `json:"node"`
+	Ref     string    `json:"ref"`
+	Digest  string    `json:"digest"`
+	Size    Bytes     `json:"size"`
+	Created time.Time `json:"created,omitzero"`
+	Error   string    `json:"error,omitempty"`
+}
+
+// PullRequest asks nodes to pull an image.
+type PullRequest struct {
+	Ref string `json:"ref"`
 }
 
 // InstanceStatus is what the node's agent observed.

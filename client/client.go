@@ -72,6 +72,8 @@ func (c *Client) request(ctx context.Context, method, path string, in any) (*htt
 	var body io.Reader
 	if in != nil {
 		switch v := in.(type) {
+		case readerBody:
+			body = v.Reader
 		case []byte:
 			body = bytes.NewReader(v)
 		case json.RawMessage:

@@ -8,6 +8,7 @@ export PATH="/usr/local/go/bin:$PATH"
 export PATH="$(go env GOPATH 2>/dev/null || echo /root/go)/bin:$PATH"
 
 STATICCHECK_VERSION=v0.8.2   # honnef.co/go/tools; supports Go 1.26
+CONTAINERD_VERSION=v2.4.2    # containerd and its runc shim, built from the Go module proxy
 GO_MIN=1.26
 
 log() { printf 'install: %s\n' "$*"; }
@@ -27,6 +28,9 @@ need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v curl >/dev/null || need+=(curl)
+command -v runc >/dev/null || need+=(runc)                       # the OCI runtime (1.1.x)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)  # static busybox for test and demo images
+command -v docker-registry >/dev/null || need+=(docker-registry) # a real registry for pull tests
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "install: run as root to install ${need[*]}" >&2
@@ -35,7 +39,19 @@ if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # docker-registry's package would start a system-wide registry on :5000;
+  # berth's tests start their own, inside test namespaces.
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+
+# containerd v2 and its runc shim, pinned, built from the Go module proxy.
+if ! containerd --version 2>/dev/null | grep -q " ${CONTAINERD_VERSION#v}" || ! command -v containerd-shim-runc-v2 >/dev/null; then
+  log "go install containerd $CONTAINERD_VERSION (takes a minute or two)"
+  GOBIN=/usr/local/bin go install \
+    "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION"
 fi
 
 # Go tools, pinned.

@@ -11,14 +11,17 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
-	"runtime"
+	goruntime "runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/berth-dev/berth/api"
 	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/runtime"
 )
 
 // Config describes the node an agent runs on.
@@ -31,14 +34,22 @@ type Config struct {
 	// TTL is how long the node stays ready without a heartbeat.
 	TTL     time.Duration
 	Version string
+	// DataDir holds the runtime's state, logs and per-instance files; with
+	// none, the agent only keeps its node registered (no containers).
+	DataDir string
+	// Listen is where the agent serves logs, exec and images to the server
+	// (default: the node address, port 7481).
+	Listen string
 }
 
 // Agent keeps one node registered.
 type Agent struct {
-	c     *client.Client
-	cfg   Config
-	log   *slog.Logger
-	ready chan struct{}
+	c         *client.Client
+	cfg       Config
+	log       *slog.Logger
+	ready     chan struct{}
+	rt        *runtime.Containerd
+	agentAddr string
 }
 
 // New returns an agent; missing name, address and TTL are filled from the machine.
@@ -76,7 +87,7 @@ func (a *Agent) Registration() (api.NodeRegistration, error) {
 	}
 	alloc := api.Resources{CPU: max(0, capa.CPU-a.cfg.Reserved.CPU), Memory: max(0, capa.Memory-a.cfg.Reserved.Memory)}
 	return api.NodeRegistration{Address: a.cfg.Address, Labels: a.cfg.Labels, Capacity: capa,
-		Allocatable: alloc, TTL: api.Duration(a.cfg.TTL), AgentVersion: a.cfg.Version}, nil
+		Allocatable: alloc, TTL: api.Duration(a.cfg.TTL), AgentVersion: a.cfg.Version, AgentAddr: a.agentAddr}, nil
 }
 
 // Register registers the node once.
@@ -92,9 +103,68 @@ func (a *Agent) Register(ctx context.Context) (api.Node, error) {
 	return n, nil
 }
 
-// Run registers the node and heartbeats until ctx ends, then releases the
-// node's lease so that it is down at once.
+// Run starts the runtime and the agent's endpoints (with a data dir),
+// registers the node, runs its instances and heartbeats until ctx ends,
+// then releases the node's lease so that it is down at once. Containers and
+// the runtime go on running: a restarted agent takes them back.
 func (a *Agent) Run(ctx context.Context) error {
+	if a.cfg.DataDir != "" {
+		stop, err := a.startRuntime(ctx)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	return a.runNode(ctx)
+}
+
+// startRuntime connects the runtime, serves the agent endpoints and starts
+// the instance reconciler once the node is registered.
+func (a *Agent) startRuntime(ctx context.Context) (func(), error) {
+	rt, err := runtime.New(ctx, a.cfg.DataDir, a.log)
+	if err != nil {
+		return nil, err
+	}
+	a.rt = rt
+	listen := a.cfg.Listen
+	if listen == "" {
+		listen = net.JoinHostPort(a.cfg.Address, "7481")
+	}
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		_ = rt.Close()
+		return nil, fmt.Errorf("agent: listen on %s: %w", listen, err)
+	}
+	a.agentAddr = ln.Addr().String()
+	srv := &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return ctx }}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("agent: endpoints stopped", "err", err)
+		}
+	}()
+	m := &instances{a: a, rt: rt, workers: map[string]*worker{}}
+	go func() {
+		defer wg.Done()
+		select {
+		case <-a.ready:
+			m.run(ctx)
+		case <-ctx.Done():
+		}
+	}()
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		wg.Wait()
+		_ = rt.Close()
+	}, nil
+}
+
+func (a *Agent) runNode(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
 	for {
 		_, err := a.Register(ctx)
@@ -163,7 +233,7 @@ func Capacity() (api.Resources, error) {
 	if err != nil {
 		return api.Resources{}, err
 	}
-	return api.Resources{CPU: api.CPU(runtime.NumCPU() * 1000), Memory: mem}, nil
+	return api.Resources{CPU: api.CPU(goruntime.NumCPU() * 1000), Memory: mem}, nil
 }
 
 func memTotal(path string) (api.Bytes, error) {

@@ -32,6 +32,7 @@ func parseKV(flag string, pairs []string) (map[string]string, error) {
 }
 
 type agentFlags struct {
+	listen        string
 	name, address string
 	labels        []string
 	ttl           time.Duration
@@ -46,6 +47,7 @@ func (f *agentFlags) add(cmd *cobra.Command) {
 	cmd.Flags().DurationVar(&f.ttl, "node-ttl", 10*time.Second, "how long the node stays ready without a heartbeat (2s to 10m)")
 	cmd.Flags().StringVar(&f.reserveCPU, "reserve-cpu", "100m", "CPU kept back for the system")
 	cmd.Flags().StringVar(&f.reserveMemory, "reserve-memory", "256Mi", "memory kept back for the system")
+	cmd.Flags().StringVar(&f.listen, "agent-addr", "", "where the agent serves logs, exec and images to the server (default: node address, port 7481; dev: a free loopback port)")
 }
 
 func (f *agentFlags) config() (agent.Config, error) {
@@ -65,7 +67,7 @@ func (f *agentFlags) config() (agent.Config, error) {
 		return agent.Config{}, fmt.Errorf("--node-ttl %v: must be between 2s and 10m", f.ttl)
 	}
 	return agent.Config{Name: f.name, Address: f.address, Labels: lbl, TTL: f.ttl,
-		Reserved: api.Resources{CPU: cpu, Memory: mem}, Version: Version}, nil
+		Reserved: api.Resources{CPU: cpu, Memory: mem}, Version: Version, Listen: f.listen}, nil
 }
 
 func devCmd(g *globals) *cobra.Command {
@@ -79,6 +81,10 @@ func devCmd(g *globals) *cobra.Command {
 			acfg, err := af.config()
 			if err != nil {
 				return err
+			}
+			acfg.DataDir = dataDir
+			if acfg.Listen == "" {
+				acfg.Listen = "127.0.0.1:0"
 			}
 			ctx, stop := signalContext()
 			defer stop()
@@ -118,7 +124,7 @@ func serverCmd(g *globals) *cobra.Command {
 }
 
 func agentCmd(g *globals) *cobra.Command {
-	var serverAddr string
+	var serverAddr, agentDataDir string
 	var af agentFlags
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -132,12 +138,15 @@ func agentCmd(g *globals) *cobra.Command {
 			if serverAddr == "" {
 				serverAddr = g.addr
 			}
+			acfg.DataDir = agentDataDir
 			ctx, stop := signalContext()
 			defer stop()
 			return daemon.RunAgent(ctx, daemon.AgentConfig{Server: serverAddr, Config: acfg}, g.stdout, g.logger())
 		},
 	}
 	cmd.Flags().StringVar(&serverAddr, "server", "", "the server's API address (default: --addr)")
+	cmd.Flags().StringVar(&agentDataDir, "data-dir", "/var/lib/berth", "where the agent keeps its runtime, logs and instance files")
 	af.add(cmd)
+	cmd.AddCommand(agentCleanupCmd(g))
 	return cmd
 }

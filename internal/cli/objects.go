@@ -263,31 +263,6 @@ func applyCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func instanceCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "instance", Short: "Instances: placed copies of services"}
-	var f client.InstanceFilter
-	ls := &cobra.Command{Use: "ls", Short: "List instances", Args: cobra.NoArgs,
-		RunE: func(*cobra.Command, []string) error {
-			return g.call(func(ctx context.Context, c *client.Client) error {
-				l, err := c.ListInstances(ctx, f)
-				if err != nil {
-					return err
-				}
-				return render(g.stdout, g.output, l.Items, func(tw *tabwriter.Writer) {
-					row(tw, "ID", "SERVICE", "NODE", "STATE", "HEALTH", "GENERATION")
-					for _, in := range l.Items {
-						row(tw, in.ID, in.Service, orDash(in.Node), in.Status.State, orDash(in.Status.Health), in.Generation)
-					}
-				})
-			})
-		}}
-	ls.Flags().StringVar(&f.Service, "service", "", "only this service's instances")
-	ls.Flags().StringVar(&f.Node, "node", "", "only this node's instances")
-	addOutput(ls, g)
-	cmd.AddCommand(ls)
-	return cmd
-}
-
 func registryCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "registry", Short: "External registrations in the service registry"}
 	ls := &cobra.Command{Use: "ls [SERVICE]", Short: "List registrations", Args: cobra.MaximumNArgs(1),

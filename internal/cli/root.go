@@ -39,6 +39,10 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	if err := root.Execute(); err != nil {
+		var code exitCode
+		if errors.As(err, &code) {
+			return int(code)
+		}
 		fmt.Fprintf(stderr, "berth: %s\n", describeErr(err))
 		return 1
 	}
@@ -68,7 +72,8 @@ func newRoot(g *globals) *cobra.Command {
 	root.PersistentFlags().StringVar(&g.addr, "addr", defAddr, "berth API address (env BERTH_ADDR)")
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level of daemons: debug, info, warn, error")
 	root.AddCommand(devCmd(g), serverCmd(g), agentCmd(g),
-		nodeCmd(g), networkCmd(g), serviceCmd(g), applyCmd(g), watchCmd(g), instanceCmd(g), registryCmd(g))
+		nodeCmd(g), networkCmd(g), serviceCmd(g), applyCmd(g), watchCmd(g), registryCmd(g),
+		imageCmd(g), runCmd(g), psCmd(g), inspectCmd(g), logsCmd(g), execCmd(g), stopCmd(g), rmCmd(g))
 	return root
 }
 

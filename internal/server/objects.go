@@ -186,6 +186,10 @@ func (s *Server) applyService(w http.ResponseWriter, r *http.Request) error {
 				return nil
 			}
 			svc = old
+			svc.History = append(svc.History, api.SpecRevision{Generation: old.Generation, Spec: old.Spec, AppliedAt: old.UpdatedAt})
+			if len(svc.History) > api.MaxHistory {
+				svc.History = svc.History[len(svc.History)-api.MaxHistory:]
+			}
 			svc.Spec = spec
 			svc.Generation = old.Generation + 1
 			svc.UpdatedAt = now

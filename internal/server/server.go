@@ -36,6 +36,10 @@ const (
 type Options struct {
 	// DefaultNodeTTL is a node's lease when its agent does not ask for one.
 	DefaultNodeTTL time.Duration
+	// NoDeployments leaves services' instances alone (tests of the API
+	// that need a quiet store).
+	NoDeployments bool
+	deployments   bool // tests: keep deployments on in the API test harness
 	// ID names this server in the leader election; it must be stable
 	// across restarts and unique among servers (host name and API address).
 	ID string
@@ -150,7 +154,15 @@ func (s *Server) runControllers(ctx context.Context) {
 	case <-ctx.Done():
 		return
 	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if !s.opts.NoDeployments {
+			s.runDeployments(ctx)
+		}
+	}()
 	s.runNodeLiveness(ctx)
+	<-done
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
@@ -197,6 +209,15 @@ func (s *Server) Handler() http.Handler {
 	h("GET /v1/instances", s.listInstances)
 	h("GET /v1/instances/{id}", s.getInstance)
 	h("PUT /v1/instances/{id}/status", s.putInstanceStatus)
+	h("POST /v1/instances/{id}/stop", s.stopInstance)
+	h("DELETE /v1/instances/{id}", s.removeInstance)
+	h("GET /v1/instances/{id}/logs", s.proxyInstance("logs"))
+	h("POST /v1/instances/{id}/exec", s.proxyInstance("exec"))
+
+	h("GET /v1/images", s.listImages)
+	h("POST /v1/images/import", s.importImage)
+	h("POST /v1/images/pull", s.pullImage)
+	h("DELETE /v1/images", s.removeImage)
 
 	h("GET /v1/registry/services", s.listAllRegistrations)
 	h("GET /v1/registry/services/{name}/instances", s.listRegistrations)

@@ -60,6 +60,9 @@ func startEnv(t *testing.T) *testEnv { return startEnvWith(t, Options{}, nil) }
 // closes the HTTP server, then the store.
 func startEnvWith(t *testing.T, opts Options, before func(st *store.Store)) *testEnv {
 	t.Helper()
+	// These tests are of the API: the deployment controller would change
+	// the store under them (deploy_test.go tests it).
+	opts.NoDeployments = !opts.deployments
 	ctx, cancel := context.WithCancel(context.Background())
 	octx, ocancel := context.WithTimeout(ctx, 30*time.Second)
 	defer ocancel()

@@ -1,0 +1,518 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/runtime"
+)
+
+// Container labels berth sets.
+const (
+	LabelInstance = "berth.instance"
+	LabelService  = "berth.service"
+)
+
+// runtimeAPI is what the agent needs of the container runtime.
+type runtimeAPI interface {
+	Create(ctx context.Context, s runtime.Spec) error
+	Start(ctx context.Context, id, logPath string) (uint32, error)
+	Stop(ctx context.Context, id string, grace time.Duration) (int, error)
+	Remove(ctx context.Context, id string) error
+	Update(ctx context.Context, id string, res api.ResourceSpec) error
+	Inspect(ctx context.Context, id string) (runtime.State, error)
+	List(ctx context.Context) ([]runtime.State, error)
+	Events(ctx context.Context) <-chan runtime.Event
+}
+
+// instances runs this node's instances: one worker per instance.
+type instances struct {
+	a  *Agent
+	rt runtimeAPI
+
+	mu      sync.Mutex
+	workers map[string]*worker
+	wg      sync.WaitGroup
+}
+
+func (a *Agent) logPath(id string) string { return filepath.Join(a.cfg.DataDir, "logs", id+".log") }
+func (a *Agent) instDir(id string) string { return filepath.Join(a.cfg.DataDir, "instances", id) }
+
+// run watches this node's instances and reconciles containers to them.
+func (m *instances) run(ctx context.Context) {
+	defer m.wg.Wait()
+	go func() {
+		for ev := range m.rt.Events(ctx) {
+			m.mu.Lock()
+			w := m.workers[ev.ID]
+			m.mu.Unlock()
+			if w != nil {
+				w.exited(ev)
+			}
+		}
+	}()
+	path := client.WatchInstances + "?node=" + m.a.cfg.Name
+	var from int64
+	for ctx.Err() == nil {
+		s, err := m.a.c.Watch(ctx, path, from)
+		if err != nil {
+			if client.IsGone(err) {
+				from = 0
+				continue
+			}
+			if ctx.Err() == nil {
+				m.a.log.Warn("agent: watch instances", "err", err)
+				sleep(ctx, time.Second)
+			}
+			continue
+		}
+		m.consume(ctx, s, from == 0)
+		from = s.Revision()
+		s.Close()
+	}
+}
+
+// consume applies a watch stream. A stream from a snapshot first lists
+// every instance; at its first bookmark, anything not listed is gone.
+func (m *instances) consume(ctx context.Context, s *client.Stream, snapshot bool) {
+	seen := map[string]bool{}
+	for {
+		ev, err := s.Next()
+		if err != nil {
+			if ctx.Err() == nil && !errors.Is(err, io.EOF) {
+				m.a.log.Warn("agent: instance watch ended", "err", err)
+			}
+			return
+		}
+		switch ev.Type {
+		case api.EventBookmark:
+			if snapshot {
+				m.sweep(ctx, seen)
+				snapshot = false
+			}
+		case api.EventPut, api.EventDelete:
+			var in api.Instance
+			if err := jsonUnmarshal(ev.Object, &in); err != nil {
+				continue
+			}
+			seen[in.ID] = true
+			if ev.Type == api.EventDelete || in.Node != m.a.cfg.Name {
+				m.update(ctx, in.ID, nil)
+			} else {
+				m.update(ctx, in.ID, &in)
+			}
+		}
+	}
+}
+
+// sweep ends workers and removes containers of instances that no longer exist.
+func (m *instances) sweep(ctx context.Context, listed map[string]bool) {
+	m.mu.Lock()
+	var gone []string
+	for id := range m.workers {
+		if !listed[id] {
+			gone = append(gone, id)
+		}
+	}
+	m.mu.Unlock()
+	for _, id := range gone {
+		m.update(ctx, id, nil)
+	}
+	states, err := m.rt.List(ctx)
+	if err != nil {
+		m.a.log.Warn("agent: list containers", "err", err)
+		return
+	}
+	for _, st := range states {
+		id := st.Labels[LabelInstance]
+		if id == "" || listed[id] {
+			continue
+		}
+		m.mu.Lock()
+		_, has := m.workers[id]
+		m.mu.Unlock()
+		if !has {
+			m.a.log.Info("agent: removing the container of a deleted instance", "instance", id)
+			m.update(ctx, id, nil)
+		}
+	}
+}
+
+func (m *instances) update(ctx context.Context, id string, in *api.Instance) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	w := m.workers[id]
+	if w == nil {
+		w = &worker{m: m, id: id, kick: make(chan struct{}, 1)}
+		if in != nil {
+			w.status = in.Status
+		}
+		m.workers[id] = w
+		m.wg.Add(1)
+		go func() {
+			defer m.wg.Done()
+			w.loop(ctx)
+			m.mu.Lock()
+			if m.workers[id] == w {
+				delete(m.workers, id)
+			}
+			m.mu.Unlock()
+		}()
+	}
+	w.set(in)
+}
+
+// worker keeps one instance's container as desired.
+type worker struct {
+	m    *instances
+	id   string
+	kick chan struct{}
+
+	mu      sync.Mutex
+	desired *api.Instance // nil: the instance is gone
+	exit    *runtime.Event
+
+	// Owned by the loop.
+	status      api.InstanceStatus
+	spec        *api.ServiceSpec
+	specGen     int64
+	applied     api.ResourceSpec
+	created     bool
+	restartAt   time.Time
+	consecutive int
+	gone        bool
+}
+
+func (w *worker) set(in *api.Instance) {
+	w.mu.Lock()
+	if in == nil {
+		w.gone = true
+	}
+	w.desired = in
+	w.mu.Unlock()
+	w.poke()
+}
+
+func (w *worker) exited(ev runtime.Event) {
+	if !ev.Exit {
+		return
+	}
+	w.mu.Lock()
+	w.exit = &ev
+	w.mu.Unlock()
+	w.poke()
+}
+
+func (w *worker) poke() {
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (w *worker) loop(ctx context.Context) {
+	for {
+		var timer *time.Timer
+		var fire <-chan time.Time
+		if !w.restartAt.IsZero() {
+			timer = time.NewTimer(time.Until(w.restartAt))
+			fire = timer.C
+		}
+		select {
+		case <-ctx.Done():
+		case <-w.kick:
+		case <-fire:
+		}
+		if timer != nil {
+			timer.Stop()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if done := w.reconcile(ctx); done {
+			return
+		}
+	}
+}
+
+func (w *worker) log() *loggerT { return &loggerT{w} }
+
+type loggerT struct{ w *worker }
+
+func (l *loggerT) warn(msg string, args ...any) {
+	l.w.m.a.log.Warn(msg, append([]any{"instance", l.w.id}, args...)...)
+}
+
+// report writes the instance's status through the API.
+func (w *worker) report(ctx context.Context) {
+	if _, err := w.m.a.c.PutInstanceStatus(ctx, w.id, w.status); err != nil && !client.IsNotFound(err) && ctx.Err() == nil {
+		w.log().warn("agent: report status", "err", err)
+	}
+}
+
+func exitReason(ev runtime.Event) (state, reason, msg string) {
+	switch {
+	case ev.OOM:
+		return api.InstanceFailed, api.ReasonOOMKilled, "killed: the container went over its memory limit"
+	case ev.ExitCode > 128:
+		return api.InstanceFailed, api.ReasonKilled, fmt.Sprintf("killed by signal %d", ev.ExitCode-128)
+	case ev.ExitCode != 0:
+		return api.InstanceFailed, api.ReasonExited, fmt.Sprintf("exited with code %d", ev.ExitCode)
+	}
+	return api.InstanceExited, api.ReasonExited, "exited with code 0"
+}
+
+// reconcile does one step toward the desired state; true ends the worker.
+func (w *worker) reconcile(ctx context.Context) bool {
+	w.mu.Lock()
+	in, ev, gone := w.desired, w.exit, w.gone
+	w.exit = nil
+	w.mu.Unlock()
+	rt := w.m.rt
+
+	if ev != nil && w.status.State == api.InstanceRunning {
+		code := ev.ExitCode
+		w.status.State, w.status.Reason, w.status.Message = exitReason(*ev)
+		w.status.ExitCode = &code
+		w.status.FinishedAt = ev.At
+		w.status.Health = api.HealthCritical
+		if !gone {
+			w.report(ctx)
+		}
+	}
+	if gone || in == nil {
+		grace := api.DefaultStopGrace
+		if _, err := rt.Stop(ctx, w.id, grace); err != nil && !errors.Is(err, runtime.ErrNotFound) {
+			w.log().warn("agent: stop", "err", err)
+		}
+		if err := rt.Remove(ctx, w.id); err != nil {
+			w.log().warn("agent: remove", "err", err)
+		}
+		_ = os.RemoveAll(w.m.a.instDir(w.id))
+		for _, p := range []string{"", ".1", ".2"} {
+			_ = os.Remove(w.m.a.logPath(w.id) + p)
+		}
+		return true
+	}
+
+	st, err := rt.Inspect(ctx, w.id)
+	exists := err == nil
+	if err != nil && !errors.Is(err, runtime.ErrNotFound) {
+		w.log().warn("agent: inspect", "err", err)
+		return false
+	}
+
+	if in.DesiredState == api.DesiredStopped {
+		if exists && st.Running {
+			code, err := rt.Stop(ctx, w.id, in.StopGrace.D())
+			if err != nil {
+				w.log().warn("agent: stop", "err", err)
+				return false
+			}
+			w.status.ExitCode = &code
+			w.status.FinishedAt = time.Now().UTC()
+		}
+		if w.status.State != api.InstanceStopped {
+			w.status.State, w.status.Reason, w.status.Message = api.InstanceStopped, api.ReasonStopped, "stopped on request"
+			w.status.Health = api.HealthCritical
+			w.report(ctx)
+		}
+		w.restartAt = time.Time{}
+		return false
+	}
+
+	spec, err := w.serviceSpec(ctx, in)
+	if err != nil {
+		w.fail(ctx, api.ReasonStartFailed, err.Error())
+		return false
+	}
+	switch {
+	case !exists:
+		w.restartAt = time.Time{}
+		if err := rt.Create(ctx, w.runtimeSpec(in, spec)); err != nil {
+			reason := api.ReasonStartFailed
+			if errors.Is(err, runtime.ErrImageNotFound) {
+				reason = api.ReasonImageNotFound
+			}
+			w.fail(ctx, reason, err.Error())
+			return false
+		}
+		w.start(ctx, in)
+	case st.Running:
+		if w.status.State != api.InstanceRunning {
+			// Found running (an agent restart): report it as it is.
+			w.status.State, w.status.Reason, w.status.Message = api.InstanceRunning, "", ""
+			w.status.ExitCode = nil
+			if w.status.StartedAt.IsZero() {
+				w.status.StartedAt = time.Now().UTC()
+			}
+			w.report(ctx)
+		}
+		if !w.created {
+			w.applied, w.created = in.Resources, true
+		}
+		if !reflect.DeepEqual(w.applied, in.Resources) {
+			if err := rt.Update(ctx, w.id, in.Resources); err != nil {
+				w.status.Message = "resource update refused: " + err.Error()
+				w.report(ctx)
+			} else {
+				w.applied = in.Resources
+				if strings.HasPrefix(w.status.Message, "resource update refused") {
+					w.status.Message = ""
+					w.report(ctx)
+				}
+			}
+		}
+	default:
+		// The container exists and its process has ended.
+		if w.status.State == api.InstanceRunning || w.status.State == "" || w.status.State == api.InstancePending || w.status.State == api.InstanceStarting {
+			// Ended while nobody watched (the agent was down).
+			if st.HasTask {
+				code := st.ExitCode
+				w.status.State, w.status.Reason, w.status.Message = exitReason(runtime.Event{ExitCode: code, OOM: st.OOMKilled})
+				w.status.ExitCode = &code
+				w.status.FinishedAt = st.ExitedAt
+			} else {
+				w.status.State, w.status.Reason, w.status.Message = api.InstanceExited, api.ReasonExited, "exited while the agent was down; exit code unknown"
+				w.status.ExitCode = nil
+			}
+			w.status.Health = api.HealthCritical
+			w.report(ctx)
+		}
+		if !w.shouldRestart(spec) {
+			w.restartAt = time.Time{}
+			return false
+		}
+		if w.restartAt.IsZero() {
+			w.restartAt = time.Now().Add(w.backoff(spec))
+			return false
+		}
+		if time.Now().Before(w.restartAt) {
+			return false
+		}
+		w.restartAt = time.Time{}
+		w.status.Restarts++
+		w.start(ctx, in)
+	}
+	return false
+}
+
+func (w *worker) shouldRestart(spec api.ServiceSpec) bool {
+	code := 0
+	if w.status.ExitCode != nil {
+		code = *w.status.ExitCode
+	}
+	switch spec.Restart.Policy {
+	case api.RestartNever:
+		return false
+	case api.RestartOnFailure:
+		return code != 0 && (spec.Restart.MaxRestarts == 0 || w.status.Restarts < spec.Restart.MaxRestarts)
+	}
+	return true
+}
+
+// backoff doubles from the policy's delay up to its max; a container that
+// ran long enough starts again from the base delay.
+func (w *worker) backoff(spec api.ServiceSpec) time.Duration {
+	base, maxD := spec.Restart.Delay.D(), spec.Restart.MaxDelay.D()
+	if base <= 0 {
+		base = api.DefaultRestartDelay
+	}
+	if maxD < base {
+		maxD = base
+	}
+	if !w.status.StartedAt.IsZero() && !w.status.FinishedAt.IsZero() && w.status.FinishedAt.Sub(w.status.StartedAt) > 2*maxD {
+		w.consecutive = 0
+	}
+	d := base
+	for i := 0; i < w.consecutive && d < maxD; i++ {
+		d *= 2
+	}
+	w.consecutive++
+	return min(d, maxD)
+}
+
+func (w *worker) start(ctx context.Context, in *api.Instance) {
+	w.status.State, w.status.Reason, w.status.Message = api.InstanceStarting, "", ""
+	if _, err := w.m.rt.Start(ctx, w.id, w.m.a.logPath(w.id)); err != nil {
+		w.fail(ctx, api.ReasonStartFailed, err.Error())
+		return
+	}
+	w.applied, w.created = in.Resources, true
+	w.status.State = api.InstanceRunning
+	w.status.StartedAt = time.Now().UTC()
+	w.status.FinishedAt = time.Time{}
+	w.status.ExitCode = nil
+	w.status.Health = ""
+	w.report(ctx)
+}
+
+func (w *worker) fail(ctx context.Context, reason, msg string) {
+	if w.status.State == api.InstanceFailed && w.status.Reason == reason && w.status.Message == msg {
+		return
+	}
+	w.status.State, w.status.Reason, w.status.Message = api.InstanceFailed, reason, msg
+	w.status.Health = api.HealthCritical
+	w.m.a.log.Warn("agent: instance failed", "instance", w.id, "reason", reason, "err", msg)
+	w.report(ctx)
+}
+
+// serviceSpec fetches the spec of the instance's generation.
+func (w *worker) serviceSpec(ctx context.Context, in *api.Instance) (api.ServiceSpec, error) {
+	if w.spec != nil && w.specGen == in.Generation {
+		return *w.spec, nil
+	}
+	svc, err := w.m.a.c.GetService(ctx, in.Service)
+	if err != nil {
+		return api.ServiceSpec{}, fmt.Errorf("service %s: %w", in.Service, err)
+	}
+	spec, ok := svc.SpecOf(in.Generation)
+	if !ok {
+		return api.ServiceSpec{}, fmt.Errorf("service %s has no generation %d", in.Service, in.Generation)
+	}
+	w.spec, w.specGen = &spec, in.Generation
+	return spec, nil
+}
+
+func (w *worker) runtimeSpec(in *api.Instance, spec api.ServiceSpec) runtime.Spec {
+	dir := w.m.a.instDir(w.id)
+	_ = os.MkdirAll(dir, 0o755)
+	resolv := filepath.Join(dir, "resolv.conf")
+	hosts := filepath.Join(dir, "hosts")
+	_ = os.WriteFile(resolv, []byte(resolvConf()), 0o644)
+	_ = os.WriteFile(hosts, []byte(fmt.Sprintf("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n", w.id)), 0o644)
+	return runtime.Spec{
+		ID: w.id, Image: spec.Image, Command: spec.Command, Args: spec.Args, Env: spec.Env,
+		Resources: in.Resources, User: spec.Security.User, ReadOnly: spec.Security.ReadOnlyRootFilesystem,
+		Hostname: w.id, ResolvConf: resolv, Hosts: hosts, LogPath: w.m.a.logPath(w.id),
+		Labels: map[string]string{LabelInstance: w.id, LabelService: in.Service},
+	}
+}
+
+// resolvConf is the node's resolver configuration without loopback
+// nameservers, which mean nothing inside a container's own network.
+func resolvConf() string {
+	b, err := os.ReadFile("/etc/resolv.conf")
+	if err != nil {
+		return ""
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "nameserver" && (strings.HasPrefix(f[1], "127.") || f[1] == "::1") {
+			continue
+		}
+		out = append(out, line)
+	}
+	return strings.Join(out, "\n")
+}

@@ -1,0 +1,274 @@
+package runtime
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/runtime/v2/logging"
+
+	"github.com/berth-dev/berth/api"
+)
+
+// LoggerName is the name under which the berth binary acts as the logging
+// driver that containerd's shim runs for each container (multi-call).
+const LoggerName = "berth-logger"
+
+// Log rotation defaults.
+const (
+	DefaultLogMaxSize  = 10 << 20
+	DefaultLogMaxFiles = 3
+)
+
+// LogLine is one line of a container's output as stored.
+type LogLine = api.LogLine
+
+// installLogger links DATA/bin/berth-logger to the running binary.
+func installLogger(dataDir string) (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("runtime: find own binary: %w", err)
+	}
+	exe, _ = filepath.EvalSymlinks(exe)
+	abs, err := filepath.Abs(dataDir)
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(abs, "bin")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("runtime: %w", err)
+	}
+	link := filepath.Join(dir, LoggerName)
+	if cur, err := os.Readlink(link); err == nil && cur == exe {
+		return link, nil
+	}
+	tmp := link + ".tmp"
+	_ = os.Remove(tmp)
+	if err := os.Symlink(exe, tmp); err != nil {
+		return "", fmt.Errorf("runtime: link %s: %w", LoggerName, err)
+	}
+	if err := os.Rename(tmp, link); err != nil {
+		return "", fmt.Errorf("runtime: link %s: %w", LoggerName, err)
+	}
+	return link, nil
+}
+
+// RunLogger is the logging driver's main: the shim passes the container's
+// stdout and stderr as fds 3 and 4 and the arguments --file PATH.
+func RunLogger(args []string) {
+	path := ""
+	maxSize, maxFiles := int64(DefaultLogMaxSize), DefaultLogMaxFiles
+	for i := 0; i+1 < len(args); i++ {
+		switch args[i] {
+		case "--file":
+			path = args[i+1]
+		case "--max-size":
+			if v, err := strconv.ParseInt(args[i+1], 10, 64); err == nil && v > 0 {
+				maxSize = v
+			}
+		case "--max-files":
+			if v, err := strconv.Atoi(args[i+1]); err == nil && v > 0 {
+				maxFiles = v
+			}
+		}
+	}
+	logging.Run(func(ctx context.Context, cfg *logging.Config, ready func() error) error {
+		if path == "" {
+			return fmt.Errorf("%s: --file is required", LoggerName)
+		}
+		w, err := newRotator(path, maxSize, maxFiles)
+		if err != nil {
+			return err
+		}
+		defer w.Close()
+		if err := ready(); err != nil {
+			return err
+		}
+		var wg sync.WaitGroup
+		copyStream := func(r io.Reader, stream string) {
+			defer wg.Done()
+			br := bufio.NewReaderSize(r, 64<<10)
+			for {
+				line, err := br.ReadString('\n')
+				if len(line) > 0 {
+					if line[len(line)-1] == '\n' {
+						line = line[:len(line)-1]
+					}
+					w.write(LogLine{Time: time.Now().UTC(), Stream: stream, Line: line})
+				}
+				if err != nil {
+					return
+				}
+			}
+		}
+		wg.Add(2)
+		go copyStream(cfg.Stdout, "stdout")
+		go copyStream(cfg.Stderr, "stderr")
+		wg.Wait()
+		return nil
+	})
+}
+
+// rotator appends JSON lines to a file, keeping maxFiles-1 rotated copies.
+type rotator struct {
+	mu       sync.Mutex
+	path     string
+	f        *os.File
+	size     int64
+	maxSize  int64
+	maxFiles int
+}
+
+func newRotator(path string, maxSize int64, maxFiles int) (*rotator, error) {
+	r := &rotator{path: path, maxSize: maxSize, maxFiles: maxFiles}
+	return r, r.open()
+}
+
+func (r *rotator) open() error {
+	f, err := os.OpenFile(r.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("open log %s: %w", r.path, err)
+	}
+	st, _ := f.Stat()
+	r.f, r.size = f, st.Size()
+	return nil
+}
+
+func (r *rotator) write(l LogLine) {
+	b, _ := json.Marshal(l)
+	b = append(b, '\n')
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.size+int64(len(b)) > r.maxSize && r.size > 0 {
+		r.rotate()
+	}
+	n, _ := r.f.Write(b)
+	r.size += int64(n)
+}
+
+func (r *rotator) rotate() {
+	_ = r.f.Close()
+	for i := r.maxFiles - 1; i >= 1; i-- {
+		from := r.path
+		if i > 1 {
+			from = r.path + "." + strconv.Itoa(i-1)
+		}
+		_ = os.Rename(from, r.path+"."+strconv.Itoa(i))
+	}
+	if err := r.open(); err != nil {
+		// Nowhere to write: drop output rather than block the container.
+		r.f, _ = os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	}
+}
+
+func (r *rotator) Close() error { return r.f.Close() }
+
+// ReadLogs writes a container's stored output to fn, oldest first: the last
+// tail lines (all when tail < 0), then, with follow, new lines as they come
+// until ctx ends.
+func ReadLogs(ctx context.Context, path string, tail int, follow bool, fn func(LogLine) error) error {
+	var files []string
+	for i := DefaultLogMaxFiles - 1; i >= 1; i-- {
+		files = append(files, path+"."+strconv.Itoa(i))
+	}
+	files = append(files, path)
+	var lines []LogLine
+	for _, p := range files {
+		f, err := os.Open(p)
+		if err != nil {
+			continue
+		}
+		sc := bufio.NewScanner(f)
+		sc.Buffer(make([]byte, 64<<10), 4<<20)
+		for sc.Scan() {
+			var l LogLine
+			if json.Unmarshal(sc.Bytes(), &l) == nil {
+				lines = append(lines, l)
+				if tail >= 0 && len(lines) > 2*tail+1024 {
+					lines = append([]LogLine(nil), lines[len(lines)-tail:]...)
+				}
+			}
+		}
+		f.Close()
+	}
+	if tail >= 0 && len(lines) > tail {
+		lines = lines[len(lines)-tail:]
+	}
+	for _, l := range lines {
+		if err := fn(l); err != nil {
+			return err
+		}
+	}
+	if !follow {
+		return nil
+	}
+	return followFile(ctx, path, fn)
+}
+
+// followFile polls path for appended lines, reopening it after a rotation.
+func followFile(ctx context.Context, path string, fn func(LogLine) error) error {
+	var f *os.File
+	var offset int64
+	var ino uint64
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+	}()
+	if st, err := os.Stat(path); err == nil {
+		offset = st.Size()
+		ino = inode(st)
+	}
+	var partial []byte
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		st, err := os.Stat(path)
+		if err == nil && (inode(st) != ino || st.Size() < offset) {
+			// Rotated: the new file starts from its beginning.
+			if f != nil {
+				f.Close()
+				f = nil
+			}
+			ino, offset, partial = inode(st), 0, nil
+		}
+		if err == nil && st.Size() > offset {
+			if f == nil {
+				if f, err = os.Open(path); err != nil {
+					return err
+				}
+			}
+			buf := make([]byte, st.Size()-offset)
+			n, _ := f.ReadAt(buf, offset)
+			offset += int64(n)
+			data := append(partial, buf[:n]...)
+			for {
+				i := bytes.IndexByte(data, '\n')
+				if i < 0 {
+					break
+				}
+				var l LogLine
+				if json.Unmarshal(data[:i], &l) == nil {
+					if err := fn(l); err != nil {
+						return err
+					}
+				}
+				data = data[i+1:]
+			}
+			partial = append([]byte(nil), data...)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
