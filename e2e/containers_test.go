@@ -128,6 +128,20 @@ func TestContainerLifecycle(t *testing.T) {
 		t.Fatalf("logs --tail 1: %q", out)
 	}
 
+	// logs -f follows new output as it comes.
+	b.mustCLI("run", "ticker", "--image", testImage, "--", "sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done")
+	tid := b.instances("ticker")[0].ID
+	follow := h.Start(t, berthBin, "--addr", b.addr, "logs", "-f", "--tail", "0", tid)
+	if out, ok := follow.WaitOutput("tick", 10*time.Second); !ok {
+		t.Fatalf("logs -f printed nothing new: %q %s", out, follow.Stderr())
+	}
+	time.Sleep(time.Second)
+	if n := strings.Count(follow.Stdout(), "tick"); n < 3 {
+		t.Fatalf("logs -f: %d lines in a second of a 5/s ticker", n)
+	}
+	follow.Kill()
+	b.mustCLI("service", "rm", "ticker")
+
 	if out := b.mustCLI("exec", id, "--", "hostname"); strings.TrimSpace(out) != id {
 		t.Fatalf("exec hostname: %q", out)
 	}

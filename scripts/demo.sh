@@ -19,11 +19,16 @@ stop() {
     fi
     rm -f "$state/dev.pid"
   fi
+  # Containers and the runtime outlive berth by design; the demo removes them.
+  if [ -d "$state/data" ] && [ -x "$berth" ]; then
+    "$berth" agent cleanup --data-dir "$state/data" >/dev/null && echo "demo containers and runtime removed"
+  fi
 }
 if [ "${1:-}" = stop ]; then stop; exit 0; fi
 
 ./scripts/install.sh
 stop
+rm -rf "$state/data"   # each demo starts from a fresh berth
 mkdir -p "$state"
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
@@ -42,6 +47,23 @@ step berth node ls -o json
 "$berth" node ls -o json
 step berth network create demo --subnet 10.90.0.0/24
 "$berth" network create demo --subnet 10.90.0.0/24 2>/dev/null || "$berth" network inspect demo
+step "go run ./hack/mkimage  (a tiny OCI image from this machine's static busybox)"
+go run ./hack/mkimage -o "$state/demo-image.tar" -ref localhost/berth-demo:1 \
+  -file "/www/index.html=hello from a berth container"
+step berth image import .berth/demo-image.tar
+"$berth" image import "$state/demo-image.tar"
+step "berth run hello --image localhost/berth-demo:1 --replicas 2 --memory 32Mi -- sh -c '...httpd...'"
+"$berth" run hello --image localhost/berth-demo:1 --replicas 2 --memory 32Mi \
+  -- sh -c 'echo "hello from $(hostname)"; exec httpd -f -p 8080 -h /www'
+step berth ps
+"$berth" ps
+id=$("$berth" ps -o json | sed -n 's/^    "id": "\(.*\)",$/\1/p' | head -1)
+step "berth logs $id"
+"$berth" logs "$id"
+step "berth exec $id -- wget -q -O - http://127.0.0.1:8080/index.html"
+"$berth" exec "$id" -- wget -q -O - http://127.0.0.1:8080/index.html; echo
+step "cat /sys/fs/cgroup/memory/berth/$id/memory.limit_in_bytes   (the cgroup limit: 32Mi)"
+cat "/sys/fs/cgroup/memory/berth/$id/memory.limit_in_bytes"
 step berth apply -f examples/web.yaml
 "$berth" apply -f examples/web.yaml
 step berth service ls

@@ -24,6 +24,18 @@ echo "== end-to-end tests"
 BERTH_BIN="$(pwd)/bin/berth" go test -count=1 -timeout 20m ./e2e/...
 
 echo "== leak check"
+leaks=0
 left=$(ip netns list 2>/dev/null | grep -c '^berthe2e-' || true)
-if [ "$left" != 0 ]; then echo "tests left $left network namespaces behind" >&2; ip netns list >&2; exit 1; fi
+if [ "$left" != 0 ]; then echo "tests left $left network namespaces behind" >&2; ip netns list >&2; leaks=1; fi
+# Live (not zombie) runtime processes of test data dirs.
+for p in /proc/[0-9]*; do
+  [ "$(awk '{print $3}' "$p/stat" 2>/dev/null)" = Z ] && continue
+  cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+  case "$cmd" in
+    *containerd*--config\ /tmp/*|*containerd-shim*/run/berth-*) echo "left running: ${p#/proc/} $cmd" >&2; leaks=1 ;;
+  esac
+done
+if grep -q ' /tmp/Test' /proc/self/mountinfo; then echo "tests left mounts:" >&2; grep ' /tmp/Test' /proc/self/mountinfo >&2; leaks=1; fi
+if ls -d /run/berth-* >/dev/null 2>&1 && [ ! -f .berth/dev.pid ]; then echo "left: $(ls -d /run/berth-*)" >&2; leaks=1; fi
+[ "$leaks" = 0 ] || exit 1
 echo "all tests passed"

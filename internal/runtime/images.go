@@ -72,6 +72,9 @@ func (r *Containerd) Import(ctx context.Context, rd io.Reader) ([]Image, error) 
 		if err := ci.Unpack(ctx, snapshotter); err != nil {
 			return nil, fmt.Errorf("import %s: unpack: %w", img.Name, err)
 		}
+		if strings.HasPrefix(img.Name, "import-") && len(imgs) > 1 {
+			continue // containerd's own digest name beside the image's real name
+		}
 		out = append(out, r.describe(ctx, img))
 	}
 	return out, nil

@@ -181,6 +181,7 @@ func ReadLogs(ctx context.Context, path string, tail int, follow bool, fn func(L
 	}
 	files = append(files, path)
 	var lines []LogLine
+	var readOfCurrent int64 // bytes of the current file already read
 	for _, p := range files {
 		f, err := os.Open(p)
 		if err != nil {
@@ -189,6 +190,9 @@ func ReadLogs(ctx context.Context, path string, tail int, follow bool, fn func(L
 		sc := bufio.NewScanner(f)
 		sc.Buffer(make([]byte, 64<<10), 4<<20)
 		for sc.Scan() {
+			if p == path {
+				readOfCurrent += int64(len(sc.Bytes())) + 1
+			}
 			var l LogLine
 			if json.Unmarshal(sc.Bytes(), &l) == nil {
 				lines = append(lines, l)
@@ -210,60 +214,75 @@ func ReadLogs(ctx context.Context, path string, tail int, follow bool, fn func(L
 	if !follow {
 		return nil
 	}
-	return followFile(ctx, path, fn)
+	return followFile(ctx, path, readOfCurrent, fn)
 }
 
-// followFile polls path for appended lines, reopening it after a rotation.
-func followFile(ctx context.Context, path string, fn func(LogLine) error) error {
+// followFile polls path for appended lines. It keeps the file open, so that
+// after a rotation it first drains what was appended to the old file, then
+// goes on from the start of the new one.
+func followFile(ctx context.Context, path string, from int64, fn func(LogLine) error) error {
 	var f *os.File
 	var offset int64
-	var ino uint64
+	var partial []byte
 	defer func() {
 		if f != nil {
 			f.Close()
 		}
 	}()
-	if st, err := os.Stat(path); err == nil {
-		offset = st.Size()
-		ino = inode(st)
-	}
-	var partial []byte
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		st, err := os.Stat(path)
-		if err == nil && (inode(st) != ino || st.Size() < offset) {
-			// Rotated: the new file starts from its beginning.
-			if f != nil {
-				f.Close()
-				f = nil
-			}
-			ino, offset, partial = inode(st), 0, nil
+	open := func(from int64) {
+		if nf, err := os.Open(path); err == nil {
+			f, offset, partial = nf, from, nil
 		}
-		if err == nil && st.Size() > offset {
-			if f == nil {
-				if f, err = os.Open(path); err != nil {
+	}
+	// drain reads f from offset to its end and emits whole lines.
+	drain := func() error {
+		st, err := f.Stat()
+		if err != nil || st.Size() <= offset {
+			return nil
+		}
+		buf := make([]byte, st.Size()-offset)
+		n, _ := f.ReadAt(buf, offset)
+		offset += int64(n)
+		data := append(partial, buf[:n]...)
+		for {
+			i := bytes.IndexByte(data, '\n')
+			if i < 0 {
+				break
+			}
+			var l LogLine
+			if json.Unmarshal(data[:i], &l) == nil {
+				if err := fn(l); err != nil {
 					return err
 				}
 			}
-			buf := make([]byte, st.Size()-offset)
-			n, _ := f.ReadAt(buf, offset)
-			offset += int64(n)
-			data := append(partial, buf[:n]...)
-			for {
-				i := bytes.IndexByte(data, '\n')
-				if i < 0 {
-					break
-				}
-				var l LogLine
-				if json.Unmarshal(data[:i], &l) == nil {
-					if err := fn(l); err != nil {
-						return err
-					}
-				}
-				data = data[i+1:]
+			data = data[i+1:]
+		}
+		partial = append([]byte(nil), data...)
+		return nil
+	}
+	open(from) // what came before was already sent
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if f == nil {
+			open(0)
+		}
+		if f != nil {
+			if err := drain(); err != nil {
+				return err
 			}
-			partial = append([]byte(nil), data...)
+			cur, err1 := os.Stat(path)
+			old, err2 := f.Stat()
+			if err1 == nil && err2 == nil && !os.SameFile(cur, old) {
+				// Rotated: finish the old file, then start the new one.
+				if err := drain(); err != nil {
+					return err
+				}
+				f.Close()
+				f = nil
+				open(0)
+				continue
+			}
 		}
 		select {
 		case <-ctx.Done():

@@ -43,19 +43,12 @@ func (s *Server) runDeployments(ctx context.Context) {
 	}
 }
 
+// relevant reports whether any event touches what the controller reads:
+// services, nodes and instances (status reports change services' counts).
 func relevant(evs []storeEvent) bool {
 	for _, e := range evs {
-		if strings.HasPrefix(e.Key, keyServices) || strings.HasPrefix(e.Key, keyNodes) ||
-			(strings.HasPrefix(e.Key, keyInstances) && e.Delete) {
+		if strings.HasPrefix(e.Key, keyServices) || strings.HasPrefix(e.Key, keyNodes) || strings.HasPrefix(e.Key, keyInstances) {
 			return true
-		}
-		if strings.HasPrefix(e.Key, keyInstances) {
-			// Status reports do not change what the controller decides,
-			// except that a pending instance may now be placeable.
-			var in api.Instance
-			if json.Unmarshal(e.Value, &in) == nil && in.Node == "" {
-				return true
-			}
 		}
 	}
 	return false
@@ -73,6 +66,7 @@ func (s *Server) reconcileAll(ctx context.Context) {
 		case strings.HasPrefix(ev.Key, keyServices):
 			var svc api.Service
 			if json.Unmarshal(ev.Value, &svc) == nil {
+				svc.Revision = ev.Revision
 				services[svc.Name] = svc
 			}
 		case strings.HasPrefix(ev.Key, keyInstances):
@@ -176,6 +170,7 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 			}
 		}
 	}
+	s.updateServiceStatus(ctx, svc, live)
 	for i := len(live); i < want; i++ {
 		now := time.Now().UTC()
 		in := api.Instance{ID: svc.Name + "-" + randomSuffix(), Service: svc.Name, Generation: svc.Generation,
@@ -194,6 +189,29 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 		}
 	}
 	return nil
+}
+
+// updateServiceStatus records how many instances run and are healthy,
+// writing only when the counts change.
+func (s *Server) updateServiceStatus(ctx context.Context, svc api.Service, live []api.Instance) {
+	running, healthy := 0, 0
+	for _, in := range live {
+		if in.Status.State == api.InstanceRunning {
+			running++
+			if in.Status.Health != api.HealthCritical {
+				healthy++
+			}
+		}
+	}
+	if svc.Status.Running == running && svc.Status.Healthy == healthy {
+		return
+	}
+	svc.Status.Running, svc.Status.Healthy = running, healthy
+	rev := svc.Revision
+	svc.Revision = 0
+	if _, err := s.st.Put(ctx, keyServices+svc.Name, svc, rev); err != nil && !errors.Is(err, store.ErrConflict) {
+		s.log.Warn("deployments: service status", "service", svc.Name, "err", err)
+	}
 }
 
 // pickNode chooses the ready node with the fewest running instances.
