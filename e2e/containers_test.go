@@ -18,16 +18,16 @@ import (
 // testImage is the image every container test runs.
 const testImage = testimage.DefaultRef
 
-// startDevRuntime starts berth dev with its runtime, and on cleanup stops
-// the runtime with everything it ran (containerd is detached by design, so
-// the test must stop it) and checks that nothing is left.
+// startDevRuntime starts berth dev (which, like every node a test starts,
+// has its runtime stopped with all it ran on cleanup).
 func startDevRuntime(t *testing.T, h *testhost.Host, dir string, args ...string) *berth {
 	t.Helper()
-	b := startDev(t, h, dir, args...)
-	registerRuntimeCleanup(t, h, dir)
-	return b
+	return startDev(t, h, dir, args...)
 }
 
+// registerRuntimeCleanup stops a node's runtime with everything it ran
+// (containerd is detached by design, so the test must stop it) and checks
+// that nothing is left.
 func registerRuntimeCleanup(t *testing.T, h *testhost.Host, dir string) {
 	t.Cleanup(func() {
 		ctx := ctxT(t)

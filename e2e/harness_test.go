@@ -66,6 +66,21 @@ type berth struct {
 // startBerth starts `berth MODE args...` in h and waits for its ready line.
 func startBerth(t *testing.T, h *testhost.Host, mode string, args ...string) *berth {
 	t.Helper()
+	if mode == "dev" || mode == "agent" {
+		// Whatever runs a node gets its own data dir (never /var/lib/berth)
+		// and, on cleanup, its runtime stopped with all it ran.
+		dir := ""
+		for i, a := range args {
+			if a == "--data-dir" && i+1 < len(args) {
+				dir = args[i+1]
+			}
+		}
+		if dir == "" {
+			dir = t.TempDir()
+			args = append(args, "--data-dir", dir)
+		}
+		registerRuntimeCleanup(t, h, dir)
+	}
 	full := append([]string{mode}, args...)
 	p := h.Start(t, berthBin, full...)
 	want := "ready in"

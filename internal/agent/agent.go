@@ -118,49 +118,85 @@ func (a *Agent) Run(ctx context.Context) error {
 	return a.runNode(ctx)
 }
 
-// startRuntime connects the runtime, serves the agent endpoints and starts
-// the instance reconciler once the node is registered.
+// startRuntime serves the agent endpoints at once and connects the runtime
+// in the background (starting containerd can take a moment), so that the
+// node registers without waiting; the instance reconciler starts once both
+// the node and the runtime are ready, and endpoint calls wait for it.
 func (a *Agent) startRuntime(ctx context.Context) (func(), error) {
-	rt, err := runtime.New(ctx, a.cfg.DataDir, a.log)
-	if err != nil {
-		return nil, err
-	}
-	a.rt = rt
 	listen := a.cfg.Listen
 	if listen == "" {
 		listen = net.JoinHostPort(a.cfg.Address, "7481")
 	}
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
-		_ = rt.Close()
 		return nil, fmt.Errorf("agent: listen on %s: %w", listen, err)
 	}
 	a.agentAddr = ln.Addr().String()
-	srv := &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second,
-		BaseContext: func(net.Listener) context.Context { return ctx }}
+	rtReady := make(chan struct{})
+	h := a.handler()
+	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return ctx },
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			t := time.NewTimer(30 * time.Second)
+			defer t.Stop()
+			select {
+			case <-rtReady:
+				h.ServeHTTP(w, r)
+			case <-t.C:
+				agentError(w, http.StatusServiceUnavailable, api.CodeInternal, "the node's runtime is not ready (see the agent's log)")
+			case <-r.Context().Done():
+			}
+		})}
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			a.log.Error("agent: endpoints stopped", "err", err)
 		}
 	}()
-	m := &instances{a: a, rt: rt, workers: map[string]*worker{}}
 	go func() {
 		defer wg.Done()
-		select {
-		case <-a.ready:
-			m.run(ctx)
-		case <-ctx.Done():
+		backoff := 500 * time.Millisecond
+		for {
+			rt, err := runtime.New(ctx, a.cfg.DataDir, a.log)
+			if err == nil {
+				a.rt = rt
+				close(rtReady)
+				return
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			a.log.Error("agent: runtime unavailable; containers cannot run here yet", "err", err)
+			if !sleep(ctx, backoff) {
+				return
+			}
+			backoff = min(2*backoff, 10*time.Second)
 		}
+	}()
+	go func() {
+		defer wg.Done()
+		for _, ch := range []<-chan struct{}{a.ready, rtReady} {
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return
+			}
+		}
+		m := &instances{a: a, rt: a.rt, workers: map[string]*worker{}}
+		m.run(ctx)
 	}()
 	return func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 		wg.Wait()
-		_ = rt.Close()
+		select {
+		case <-rtReady:
+			_ = a.rt.Close()
+		default:
+		}
 	}, nil
 }
 

@@ -185,29 +185,49 @@ func (s *Server) heartbeat(w http.ResponseWriter, r *http.Request) error {
 }
 
 // releaseNode ends a node's lease at once (its agent is stopping) and marks
-// it down.
+// it down. The down state and the removal of the lease key are one
+// transaction, so the liveness controller never reports this as a lapse.
 func (s *Server) releaseNode(w http.ResponseWriter, r *http.Request) error {
 	name := r.PathValue("name")
 	ctx := r.Context()
-	var nl nodeLease
-	if _, err := s.st.Get(ctx, keyNodeLeases+name, &nl); err == nil {
-		if err := s.st.Revoke(ctx, nl.Lease); err != nil {
+	for {
+		var n api.Node
+		rev, err := s.st.Get(ctx, keyNodes+name, &n)
+		if errors.Is(err, store.ErrNotFound) {
+			return notFound("node", name)
+		}
+		if err != nil {
 			return err
 		}
-	} else if !errors.Is(err, store.ErrNotFound) {
-		return err
+		var nl nodeLease
+		lrev, err := s.st.Get(ctx, keyNodeLeases+name, &nl)
+		if err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		now := time.Now().UTC()
+		n.Status.State, n.Status.Message = api.NodeDown, "agent stopped"
+		if t, ok := s.lastHeartbeat(name); ok && t.After(n.Status.LastHeartbeat) {
+			n.Status.LastHeartbeat = t
+		}
+		n.UpdatedAt = now
+		writes := []store.Write{{Key: keyNodes + name, Value: n, Expect: rev}}
+		if lrev != 0 {
+			writes = append(writes, store.Write{Key: keyNodeLeases + name, Expect: lrev})
+		}
+		if _, err := s.st.Txn(ctx, writes...); errors.Is(err, store.ErrConflict) {
+			continue
+		} else if err != nil {
+			return err
+		}
+		if nl.Lease != 0 {
+			_ = s.st.Revoke(ctx, nl.Lease)
+		}
+		s.log.Info("node down", "node", name, "reason", "agent stopped")
+		w.WriteHeader(http.StatusNoContent)
+		return nil
 	}
-	if err := s.markDown(ctx, name, "agent stopped"); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
 }
 
-// deleteNode removes a node's record and its lease key in one transaction,
-// then ends the lease. (Revoking the lease first would let the liveness
-// controller mark the node down in between, and the delete then fail as a
-// concurrent change.)
 func (s *Server) deleteNode(w http.ResponseWriter, r *http.Request) error {
 	name := r.PathValue("name")
 	ctx := r.Context()

@@ -1,0 +1,256 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/berth-dev/berth/internal/testimage"
+)
+
+// command is what every container of every subject runs: `sleep 1000`,
+// under a shell that exits at once on SIGTERM (berth removes an instance
+// with SIGTERM first and SIGKILL only after a 10s grace).
+var command = []string{"sh", "-c", `trap "exit 0" TERM; sleep 1000 & wait`}
+
+// imageRef names the test image in every store.
+const imageRef = testimage.DefaultRef
+
+// subject is one way of running containers.
+type subject interface {
+	Name() string
+	// Create starts the container (or service) key and returns how long it
+	// took until it runs.
+	Create(ctx context.Context, key string) (time.Duration, error)
+	// Remove stops and deletes what Create(key) made and returns how long
+	// it took until it is gone.
+	Remove(ctx context.Context, key string) (time.Duration, error)
+}
+
+// parallelSubject also starts and removes many containers at once.
+type parallelSubject interface {
+	subject
+	CreateMany(ctx context.Context, key string, n int) (time.Duration, error)
+	RemoveMany(ctx context.Context, key string, n int) (time.Duration, error)
+}
+
+// closer is a subject with something to stop at the end.
+type closer interface {
+	Close(ctx context.Context) error
+}
+
+type samples struct{ create, remove []time.Duration }
+
+type throughput struct {
+	name         string
+	n            int
+	start, clean time.Duration
+	err          error
+}
+
+// child runs the benchmark inside the namespace and returns the exit code.
+func child(o options, netns, work string) int {
+	if work == "" {
+		fmt.Fprintln(os.Stderr, "bench: no work directory given")
+		return 1
+	}
+	l := layoutFor(work, netns)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+
+	var subjects []subject
+	defer func() {
+		// Clean up with a context of its own: ctx may be cancelled.
+		cctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		for i := len(subjects) - 1; i >= 0; i-- {
+			if c, ok := subjects[i].(closer); ok {
+				if err := c.Close(cctx); err != nil {
+					fmt.Fprintf(os.Stderr, "bench: clean up %s: %v\n", subjects[i].Name(), err)
+				}
+			}
+		}
+	}()
+
+	err := func() error {
+		start := time.Now()
+		img, err := testimage.Build(testimage.Options{})
+		if err != nil {
+			return fmt.Errorf("build the test image: %w", err)
+		}
+		if err := testimage.WriteOCIArchive(img, imageRef, l.archive); err != nil {
+			return err
+		}
+		b, err := startBerth(ctx, l, o.berth, o.timeout)
+		if b != nil {
+			subjects = append(subjects, b)
+		}
+		if err != nil {
+			return err
+		}
+		ctd, raw, err := startContainerd(ctx, l, log)
+		if ctd != nil {
+			subjects = append(subjects, ctd, raw)
+		}
+		if err != nil {
+			return err
+		}
+		rc, err := newRunc(ctx, l, img)
+		if rc != nil {
+			subjects = append(subjects, rc)
+		}
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "bench: set up in %v (namespace %s)\n", time.Since(start).Round(time.Millisecond), netns)
+		return run(ctx, o, subjects)
+	}()
+	if err != nil {
+		if ctx.Err() != nil {
+			fmt.Fprintln(os.Stderr, "bench: interrupted; cleaning up")
+			return 130
+		}
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 1
+	}
+	return 0
+}
+
+// run measures and prints.
+func run(ctx context.Context, o options, subjects []subject) error {
+	res := make([]samples, len(subjects))
+	rounds := o.warmup + o.n
+	start := time.Now()
+	for r := 0; r < rounds; r++ {
+		for k := range subjects {
+			// Rotate the order so that no subject always goes first.
+			i := (k + r) % len(subjects)
+			s := subjects[i]
+			key := fmt.Sprintf("%c%03d", "bcru"[i], r)
+			tc, err := withTimeout(ctx, o.timeout, func(ctx context.Context) (time.Duration, error) { return s.Create(ctx, key) })
+			if err != nil {
+				return fmt.Errorf("%s: create %s: %w", s.Name(), key, err)
+			}
+			tr, err := withTimeout(ctx, o.timeout, func(ctx context.Context) (time.Duration, error) { return s.Remove(ctx, key) })
+			if err != nil {
+				return fmt.Errorf("%s: remove %s: %w", s.Name(), key, err)
+			}
+			if r >= o.warmup {
+				res[i].create = append(res[i].create, tc)
+				res[i].remove = append(res[i].remove, tr)
+			}
+		}
+		if (r+1)%10 == 0 || r+1 == rounds {
+			fmt.Fprintf(os.Stderr, "bench: latency round %d/%d (%v)\n", r+1, rounds, time.Since(start).Round(time.Millisecond))
+		}
+	}
+
+	var tps []throughput
+	for _, s := range subjects {
+		ps, ok := s.(parallelSubject)
+		if !ok {
+			continue
+		}
+		tp := throughput{name: s.Name(), n: o.parallel}
+		tp.start, tp.err = withTimeout(ctx, 5*o.timeout, func(ctx context.Context) (time.Duration, error) {
+			return ps.CreateMany(ctx, "tp", o.parallel)
+		})
+		d, err := withTimeout(ctx, 5*o.timeout, func(ctx context.Context) (time.Duration, error) {
+			return ps.RemoveMany(ctx, "tp", o.parallel)
+		})
+		tp.clean, tp.err = d, errors.Join(tp.err, err)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if tp.err != nil {
+			return fmt.Errorf("%s: throughput: %w", s.Name(), tp.err)
+		}
+		fmt.Fprintf(os.Stderr, "bench: throughput of %s done\n", s.Name())
+		tps = append(tps, tp)
+	}
+	report(os.Stdout, o, subjects, res, tps, time.Since(start))
+	return nil
+}
+
+func withTimeout(ctx context.Context, d time.Duration, f func(context.Context) (time.Duration, error)) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	return f(ctx)
+}
+
+// pct is the nearest-rank percentile p of ds.
+func pct(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	rank := int(p/100*float64(len(s)) + 0.999999)
+	rank = min(max(rank, 1), len(s))
+	return s[rank-1]
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond)) }
+
+func over(a, b time.Duration) string {
+	if b <= 0 {
+		return "n/a"
+	}
+	return fmt.Sprintf("%+.0f%%", (float64(a)/float64(b)-1)*100)
+}
+
+func report(w io.Writer, o options, subjects []subject, res []samples, tps []throughput, took time.Duration) {
+	fmt.Fprintf(w, "\nberth runtime benchmark: %d samples per subject (after %d warm-up rounds), image %s,\n", o.n, o.warmup, imageRef)
+	fmt.Fprintf(w, "command %s\n\n", strings.Join(quoteAll(command), " "))
+	fmt.Fprintf(w, "%-28s %-26s %-26s\n", "subject", "create→running p50 / p95", "stop→removed p50 / p95")
+	for i, s := range subjects {
+		fmt.Fprintf(w, "%-28s %-26s %-26s\n", s.Name(),
+			ms(pct(res[i].create, 50))+" / "+ms(pct(res[i].create, 95)),
+			ms(pct(res[i].remove, 50))+" / "+ms(pct(res[i].remove, 95)))
+	}
+	fmt.Fprintf(w, "\nthroughput, %d containers started at once:\n", o.parallel)
+	rate := map[string]float64{}
+	for _, tp := range tps {
+		r := float64(tp.n) / tp.start.Seconds()
+		rate[tp.name] = r
+		fmt.Fprintf(w, "  %-26s %d running in %6.2f s = %6.1f containers/s (all removed in %.2f s)\n",
+			tp.name, tp.n, tp.start.Seconds(), r, tp.clean.Seconds())
+	}
+	// berth against bare containerd: subjects[0] is berth, [1] containerd
+	// with berth's calls, [2] containerd with raw calls.
+	if len(subjects) >= 3 {
+		fmt.Fprintf(w, "\nberth overhead:\n")
+		for _, j := range []int{1, 2} {
+			fmt.Fprintf(w, "  vs %-24s create→running p50 %s, p95 %s; stop→removed p50 %s, p95 %s",
+				subjects[j].Name(),
+				over(pct(res[0].create, 50), pct(res[j].create, 50)), over(pct(res[0].create, 95), pct(res[j].create, 95)),
+				over(pct(res[0].remove, 50), pct(res[j].remove, 50)), over(pct(res[0].remove, 95), pct(res[j].remove, 95)))
+			if rb, rc := rate[subjects[0].Name()], rate[subjects[j].Name()]; rb > 0 && rc > 0 {
+				fmt.Fprintf(w, "; throughput %+.0f%%", (rb/rc-1)*100)
+			}
+			fmt.Fprintln(w)
+		}
+	}
+	fmt.Fprintf(w, "\nmeasured in %v\n", took.Round(time.Second))
+}
+
+func quoteAll(args []string) []string {
+	out := make([]string, len(args))
+	for i, a := range args {
+		if strings.ContainsAny(a, " \"'$&;") {
+			out[i] = "'" + a + "'"
+		} else {
+			out[i] = a
+		}
+	}
+	return out
+}

@@ -1,0 +1,501 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	eventtypes "github.com/containerd/containerd/api/events"
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/typeurl/v2"
+
+	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/runtime"
+)
+
+// apiAddr is berth's API: the namespace's own loopback.
+const apiAddr = "127.0.0.1:7480"
+
+// berthSubject drives a `berth dev` through its API.
+type berthSubject struct {
+	l      layout
+	bin    string
+	proc   *exec.Cmd
+	exited chan struct{}
+	c      *client.Client
+	cc     *containerd.Client // berth's own containerd, only to see deletes
+	tr     *tracker
+	cancel context.CancelFunc
+
+	mu  sync.Mutex
+	ids map[string][]string // service -> its instances
+}
+
+func (b *berthSubject) Name() string { return "berth (API, watch)" }
+
+// startBerth starts `berth dev`, imports the image and opens the watches.
+// A non-nil subject is returned even on error, to be closed.
+func startBerth(ctx context.Context, l layout, bin string, timeout time.Duration) (*berthSubject, error) {
+	b := &berthSubject{l: l, bin: bin, ids: map[string][]string{}, exited: make(chan struct{})}
+	logf, err := os.Create(l.work + "/berth-dev.log")
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, "dev", "--data-dir", l.berthData, "--api-addr", apiAddr, "--node-name", "node1")
+	cmd.Stderr = logf
+	// Its own process group: a terminal's Ctrl-C is for this command,
+	// which stops berth itself.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start berth dev: %w", err)
+	}
+	b.proc = cmd
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(out)
+		once := false
+		for sc.Scan() {
+			fmt.Fprintln(logf, sc.Text())
+			if !once && strings.Contains(sc.Text(), "ready in") {
+				once = true
+				fmt.Fprintln(os.Stderr, "bench:", sc.Text())
+				close(ready)
+			}
+		}
+		_ = cmd.Wait()
+		close(b.exited)
+	}()
+	select {
+	case <-ready:
+	case <-b.exited:
+		return b, fmt.Errorf("berth dev exited before it was ready; see its log:\n%s", tail(l.work+"/berth-dev.log"))
+	case <-time.After(timeout):
+		return b, fmt.Errorf("berth dev not ready after %v; see its log:\n%s", timeout, tail(l.work+"/berth-dev.log"))
+	case <-ctx.Done():
+		return b, ctx.Err()
+	}
+	hc := &http.Client{Timeout: timeout, Transport: &http.Transport{
+		Proxy:               nil,
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+		MaxIdleConns:        64,
+		MaxIdleConnsPerHost: 64,
+		IdleConnTimeout:     time.Minute,
+	}}
+	b.c, err = client.New(apiAddr, client.WithHTTPClient(hc))
+	if err != nil {
+		return b, err
+	}
+	// berth is ready before its node's runtime may be: try the import
+	// until the runtime takes it.
+	ictx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for {
+		_, err := b.c.ImportImage(ictx, l.archive, "")
+		if err == nil {
+			break
+		}
+		if ictx.Err() != nil {
+			return b, fmt.Errorf("berth: import the image: %w", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// Watch instances through the API, and container deletes on berth's
+	// containerd: an instance is removed when both have happened.
+	p, err := runtime.PathsFor(l.berthData)
+	if err != nil {
+		return b, err
+	}
+	b.cc, err = containerd.New(p.Socket, containerd.WithDefaultNamespace(runtime.Namespace))
+	if err != nil {
+		return b, fmt.Errorf("connect to berth's containerd: %w", err)
+	}
+	wctx, wcancel := context.WithCancel(context.Background())
+	b.cancel = wcancel
+	b.tr = newTracker()
+	evs, errs := b.cc.Subscribe(wctx, `topic=="/containers/delete"`)
+	go func() {
+		for {
+			select {
+			case env := <-evs:
+				if env == nil || env.Namespace != runtime.Namespace {
+					continue
+				}
+				v, err := typeurl.UnmarshalAny(env.Event)
+				if err != nil {
+					continue
+				}
+				if e, ok := v.(*eventtypes.ContainerDelete); ok {
+					b.tr.containerGone(e.ID)
+				}
+			case err := <-errs:
+				if wctx.Err() == nil {
+					b.tr.fail(fmt.Errorf("containerd events: %w", err))
+				}
+				return
+			case <-wctx.Done():
+				return
+			}
+		}
+	}()
+	s, err := b.c.Watch(wctx, client.WatchInstances, 0)
+	if err != nil {
+		return b, fmt.Errorf("watch instances: %w", err)
+	}
+	synced := make(chan struct{})
+	go b.tr.consume(wctx, b.c, s, synced)
+	select {
+	case <-synced:
+	case <-time.After(timeout):
+		return b, errors.New("the instance watch sent no bookmark")
+	}
+	return b, nil
+}
+
+func tail(path string) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.Join(lines[max(0, len(lines)-20):], "\n")
+}
+
+func (b *berthSubject) service(key string) string { return b.l.prefix + "-" + key }
+
+func (b *berthSubject) apply(ctx context.Context, name string, replicas int) error {
+	spec, err := json.Marshal(api.ServiceSpec{Name: name, Image: imageRef, Command: command, Replicas: &replicas})
+	if err != nil {
+		return err
+	}
+	_, err = b.c.ApplyServiceJSON(ctx, spec)
+	return err
+}
+
+// CreateMany applies a service of n replicas and waits until the watch
+// reports n of its instances running.
+func (b *berthSubject) CreateMany(ctx context.Context, key string, n int) (time.Duration, error) {
+	name := b.service(key)
+	var ids []string
+	w := b.tr.expect(func(t *tracker) bool {
+		ids = ids[:0]
+		for id, in := range t.inst {
+			if in.Service == name && in.DesiredState == api.DesiredRunning && in.Status.State == api.InstanceRunning {
+				ids = append(ids, id)
+			}
+		}
+		return len(ids) == n
+	})
+	start := time.Now()
+	if err := b.apply(ctx, name, n); err != nil {
+		b.tr.drop(w)
+		return 0, fmt.Errorf("apply %s: %w", name, err)
+	}
+	at, err := b.tr.wait(ctx, w)
+	// Every instance of the service, running or not, for Remove.
+	b.mu.Lock()
+	b.ids[name] = b.tr.instancesOf(name)
+	b.mu.Unlock()
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w (instances: %s)", name, err, b.tr.describe(name))
+	}
+	return at.Sub(start), nil
+}
+
+func (b *berthSubject) Create(ctx context.Context, key string) (time.Duration, error) {
+	return b.CreateMany(ctx, key, 1)
+}
+
+// Remove deletes the service (so that nothing replaces the instance) and
+// force-removes its instance (`berth service rm` + `berth rm -f`), and
+// waits until the watch has dropped the instance and berth's containerd has
+// deleted its container.
+func (b *berthSubject) Remove(ctx context.Context, key string) (time.Duration, error) {
+	return b.remove(ctx, key, true)
+}
+
+// RemoveMany deletes the service only (`berth service rm`): its instances
+// go with it.
+func (b *berthSubject) RemoveMany(ctx context.Context, key string, _ int) (time.Duration, error) {
+	return b.remove(ctx, key, false)
+}
+
+func (b *berthSubject) remove(ctx context.Context, key string, rmInstances bool) (time.Duration, error) {
+	name := b.service(key)
+	b.mu.Lock()
+	ids := b.ids[name]
+	b.mu.Unlock()
+	w := b.tr.expect(func(t *tracker) bool {
+		for _, id := range ids {
+			if _, ok := t.inst[id]; ok || !t.ctrGone[id] {
+				return false
+			}
+		}
+		return true
+	})
+	start := time.Now()
+	if err := b.deleteService(ctx, name); err != nil {
+		b.tr.drop(w)
+		return 0, err
+	}
+	if rmInstances {
+		for _, id := range ids {
+			if err := b.c.RemoveInstance(ctx, id, true); err != nil && !client.IsNotFound(err) {
+				b.tr.drop(w)
+				return 0, fmt.Errorf("rm -f %s: %w", id, err)
+			}
+		}
+	}
+	at, err := b.tr.wait(ctx, w)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w (instances: %s)", name, err, b.tr.describe(name))
+	}
+	b.mu.Lock()
+	delete(b.ids, name)
+	b.mu.Unlock()
+	return at.Sub(start), nil
+}
+
+// deleteService deletes a service, again when it changed between the
+// server's read and its delete (a conflict).
+func (b *berthSubject) deleteService(ctx context.Context, name string) error {
+	for {
+		err := b.c.DeleteService(ctx, name)
+		var ae *api.Error
+		switch {
+		case err == nil || client.IsNotFound(err):
+			return nil
+		case errors.As(err, &ae) && ae.Code == api.CodeConflict && ctx.Err() == nil:
+			continue
+		default:
+			return fmt.Errorf("delete service %s: %w", name, err)
+		}
+	}
+}
+
+// Close removes what is left, stops berth dev and then, with `berth agent
+// cleanup`, its containerd, shims and containers.
+func (b *berthSubject) Close(ctx context.Context) error {
+	var errs []error
+	if b.c != nil && b.proc != nil {
+		b.mu.Lock()
+		left := len(b.ids)
+		b.mu.Unlock()
+		if left > 0 {
+			// Not needed for the cleanup (agent cleanup removes every
+			// container), but it lets berth stop its containers itself.
+			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			b.mu.Lock()
+			for name := range b.ids {
+				_ = b.deleteService(dctx, name)
+			}
+			b.mu.Unlock()
+			cancel()
+		}
+	}
+	if b.cancel != nil {
+		b.cancel()
+	}
+	if b.cc != nil {
+		_ = b.cc.Close()
+	}
+	if b.proc != nil {
+		select {
+		case <-b.exited:
+		default:
+			_ = b.proc.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-b.exited:
+			case <-time.After(20 * time.Second):
+				errs = append(errs, errors.New("berth dev did not stop on SIGTERM; killed"))
+				_ = b.proc.Process.Kill()
+				<-b.exited
+			}
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(cctx, b.bin, "agent", "cleanup", "--data-dir", b.l.berthData)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		errs = append(errs, fmt.Errorf("berth agent cleanup: %v: %s", err, strings.TrimSpace(string(out))))
+	}
+	return errors.Join(errs...)
+}
+
+// tracker keeps what the watches said: the instances as berth reports them
+// and the containers berth's containerd deleted; waiters are told the
+// moment their condition holds.
+type tracker struct {
+	mu      sync.Mutex
+	inst    map[string]api.Instance
+	ctrGone map[string]bool
+	waiters map[*waiter]bool
+	err     error
+}
+
+type waiter struct {
+	cond func(*tracker) bool
+	done chan time.Time
+}
+
+func newTracker() *tracker {
+	return &tracker{inst: map[string]api.Instance{}, ctrGone: map[string]bool{}, waiters: map[*waiter]bool{}}
+}
+
+// expect registers a condition before the action that should make it true.
+func (t *tracker) expect(cond func(*tracker) bool) *waiter {
+	w := &waiter{cond: cond, done: make(chan time.Time, 1)}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if cond(t) {
+		w.done <- time.Now()
+	} else {
+		t.waiters[w] = true
+	}
+	return w
+}
+
+func (t *tracker) drop(w *waiter) {
+	t.mu.Lock()
+	delete(t.waiters, w)
+	t.mu.Unlock()
+}
+
+// wait returns when the condition held.
+func (t *tracker) wait(ctx context.Context, w *waiter) (time.Time, error) {
+	defer t.drop(w)
+	for {
+		select {
+		case at := <-w.done:
+			return at, nil
+		case <-ctx.Done():
+			return time.Time{}, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+			t.mu.Lock()
+			err := t.err
+			t.mu.Unlock()
+			if err != nil {
+				return time.Time{}, err
+			}
+		}
+	}
+}
+
+// notify runs with t.mu held.
+func (t *tracker) notify() {
+	now := time.Now()
+	for w := range t.waiters {
+		if w.cond(t) {
+			w.done <- now
+			delete(t.waiters, w)
+		}
+	}
+}
+
+func (t *tracker) fail(err error) {
+	t.mu.Lock()
+	t.err = err
+	t.mu.Unlock()
+}
+
+func (t *tracker) containerGone(id string) {
+	t.mu.Lock()
+	t.ctrGone[id] = true
+	t.notify()
+	t.mu.Unlock()
+}
+
+func (t *tracker) instancesOf(service string) []string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var ids []string
+	for id, in := range t.inst {
+		if in.Service == service {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+func (t *tracker) describe(service string) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var parts []string
+	for id, in := range t.inst {
+		if in.Service == service {
+			parts = append(parts, fmt.Sprintf("%s %s %s %s", id, in.Status.State, in.Status.Reason, in.Status.Message))
+		}
+	}
+	if len(parts) > 5 {
+		parts = append(parts[:5], fmt.Sprintf("and %d more", len(parts)-5))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// consume applies the instance watch, reconnecting from its revision when
+// the stream breaks; synced closes at the first bookmark.
+func (t *tracker) consume(ctx context.Context, c *client.Client, s *client.Stream, synced chan struct{}) {
+	first := true
+	for {
+		for {
+			ev, err := s.Next()
+			if err != nil {
+				if ctx.Err() == nil && !errors.Is(err, io.EOF) {
+					fmt.Fprintln(os.Stderr, "bench: instance watch:", err)
+				}
+				break
+			}
+			switch ev.Type {
+			case api.EventBookmark:
+				if first {
+					first = false
+					close(synced)
+				}
+			case api.EventPut:
+				var in api.Instance
+				if json.Unmarshal(ev.Object, &in) == nil {
+					t.mu.Lock()
+					t.inst[in.ID] = in
+					t.notify()
+					t.mu.Unlock()
+				}
+			case api.EventDelete:
+				t.mu.Lock()
+				delete(t.inst, ev.Name)
+				t.notify()
+				t.mu.Unlock()
+			}
+		}
+		s.Close()
+		if ctx.Err() != nil {
+			return
+		}
+		rev := s.Revision()
+		var err error
+		for s, err = c.Watch(ctx, client.WatchInstances, rev); err != nil; s, err = c.Watch(ctx, client.WatchInstances, rev) {
+			if ctx.Err() != nil {
+				return
+			}
+			if client.IsGone(err) {
+				t.fail(fmt.Errorf("instance watch: %w", err))
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}
