@@ -8,7 +8,9 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	goruntime "runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -33,6 +35,9 @@ type subject interface {
 	// Remove stops and deletes what Create(key) made and returns how long
 	// it took until it is gone.
 	Remove(ctx context.Context, key string) (time.Duration, error)
+	// Pids returns the pids of the main processes of what Create(key) or
+	// CreateMany(key) made.
+	Pids(ctx context.Context, key string) ([]int, error)
 }
 
 // parallelSubject also starts and removes many containers at once.
@@ -127,6 +132,7 @@ func child(o options, netns, work string) int {
 
 // run measures and prints.
 func run(ctx context.Context, o options, subjects []subject) error {
+	load := loadavg()
 	res := make([]samples, len(subjects))
 	rounds := o.warmup + o.n
 	start := time.Now()
@@ -139,6 +145,9 @@ func run(ctx context.Context, o options, subjects []subject) error {
 			tc, err := withTimeout(ctx, o.timeout, func(ctx context.Context) (time.Duration, error) { return s.Create(ctx, key) })
 			if err != nil {
 				return fmt.Errorf("%s: create %s: %w", s.Name(), key, err)
+			}
+			if err := settle(ctx, s, key, o.timeout); err != nil {
+				return err
 			}
 			tr, err := withTimeout(ctx, o.timeout, func(ctx context.Context) (time.Duration, error) { return s.Remove(ctx, key) })
 			if err != nil {
@@ -164,6 +173,9 @@ func run(ctx context.Context, o options, subjects []subject) error {
 		tp.start, tp.err = withTimeout(ctx, 5*o.timeout, func(ctx context.Context) (time.Duration, error) {
 			return ps.CreateMany(ctx, "tp", o.parallel)
 		})
+		if tp.err == nil {
+			tp.err = settle(ctx, s, "tp", o.timeout)
+		}
 		d, err := withTimeout(ctx, 5*o.timeout, func(ctx context.Context) (time.Duration, error) {
 			return ps.RemoveMany(ctx, "tp", o.parallel)
 		})
@@ -178,7 +190,58 @@ func run(ctx context.Context, o options, subjects []subject) error {
 		tps = append(tps, tp)
 	}
 	report(os.Stdout, o, subjects, res, tps, time.Since(start))
+	fmt.Fprintf(os.Stdout, "load average (1, 5, 15 min) on %d CPUs: %s before, %s after (after includes this run's own parallel phase)\n", goruntime.NumCPU(), load, loadavg())
 	return nil
+}
+
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "?"
+}
+
+// settle waits, untimed, until the shell of every container of key has
+// set its SIGTERM trap. A container counts as running as soon as its
+// process is started, a few milliseconds before its shell runs `trap`; a
+// SIGTERM in between would be ignored (PID 1 of a pid namespace) and berth
+// would wait out its 10s grace.
+func settle(ctx context.Context, s subject, key string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	pids, err := s.Pids(ctx, key)
+	if err != nil {
+		return fmt.Errorf("%s: pids of %s: %w", s.Name(), key, err)
+	}
+	for _, pid := range pids {
+		for !catchesTERM(pid) {
+			if !alive(pid) {
+				return fmt.Errorf("%s: %s: process %d ended", s.Name(), key, pid)
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("%s: %s: the shell of process %d set no SIGTERM trap: %w", s.Name(), key, pid, ctx.Err())
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}
+	return nil
+}
+
+// catchesTERM says whether pid has a SIGTERM handler (SigCgt bit 15).
+func catchesTERM(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "SigCgt:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return err == nil && mask&(1<<(syscall.SIGTERM-1)) != 0
+		}
+	}
+	return false
 }
 
 func withTimeout(ctx context.Context, d time.Duration, f func(context.Context) (time.Duration, error)) (time.Duration, error) {
@@ -240,7 +303,7 @@ func report(w io.Writer, o options, subjects []subject, res []samples, tps []thr
 			fmt.Fprintln(w)
 		}
 	}
-	fmt.Fprintf(w, "\nmeasured in %v\n", took.Round(time.Second))
+	fmt.Fprintf(w, "\nmeasured in %v; ", took.Round(time.Second))
 }
 
 func quoteAll(args []string) []string {

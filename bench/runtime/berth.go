@@ -270,6 +270,27 @@ func (b *berthSubject) remove(ctx context.Context, key string, rmInstances bool)
 	return at.Sub(start), nil
 }
 
+// Pids asks berth's containerd for the main processes of the service's
+// instances.
+func (b *berthSubject) Pids(ctx context.Context, key string) ([]int, error) {
+	b.mu.Lock()
+	ids := append([]string(nil), b.ids[b.service(key)]...)
+	b.mu.Unlock()
+	var pids []int
+	for _, id := range ids {
+		c, err := b.cc.LoadContainer(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		t, err := c.Task(ctx, nil)
+		if err != nil {
+			return nil, err
+		}
+		pids = append(pids, int(t.Pid()))
+	}
+	return pids, nil
+}
+
 // deleteService deletes a service, again when it changed between the
 // server's read and its delete (a conflict).
 func (b *berthSubject) deleteService(ctx context.Context, name string) error {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -27,6 +28,39 @@ type ctdSubject struct {
 	l             layout
 	r             *runtime.Containerd
 	resolv, hosts string
+	pids          pidMap
+}
+
+// pidMap keeps the main process of each container.
+type pidMap struct {
+	mu sync.Mutex
+	m  map[string]int
+}
+
+func (p *pidMap) set(id string, pid int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m == nil {
+		p.m = map[string]int{}
+	}
+	if pid > 0 {
+		p.m[id] = pid
+	} else {
+		delete(p.m, id)
+	}
+}
+
+// withPrefix returns the pids of the containers whose id starts with id.
+func (p *pidMap) withPrefix(id string) []int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []int
+	for k, pid := range p.m {
+		if strings.HasPrefix(k, id) {
+			out = append(out, pid)
+		}
+	}
+	return out
 }
 
 func (s *ctdSubject) Name() string { return "containerd (berth's calls)" }
@@ -40,6 +74,7 @@ type rawSubject struct {
 
 	mu   sync.Mutex
 	ctrs map[string]rawCtr
+	pids pidMap
 }
 
 type rawCtr struct {
@@ -85,6 +120,14 @@ func startContainerd(ctx context.Context, l layout, log *slog.Logger) (*ctdSubje
 	return s, raw, nil
 }
 
+func (s *ctdSubject) Pids(_ context.Context, key string) ([]int, error) {
+	return s.pids.withPrefix(s.id(key)), nil
+}
+
+func (s *rawSubject) Pids(_ context.Context, key string) ([]int, error) {
+	return s.pids.withPrefix(s.id(key)), nil
+}
+
 func (s *ctdSubject) id(key string) string { return s.l.prefix + "-" + key }
 
 func (s *ctdSubject) logPath(id string) string { return filepath.Join(s.l.ctdData, "logs", id+".log") }
@@ -96,11 +139,13 @@ func (s *ctdSubject) start(ctx context.Context, id string) error {
 	if err := s.r.Create(ctx, spec); err != nil {
 		return err
 	}
-	_, err := s.r.Start(ctx, id, s.logPath(id))
+	pid, err := s.r.Start(ctx, id, s.logPath(id))
+	s.pids.set(id, int(pid))
 	return err
 }
 
 func (s *ctdSubject) stop(ctx context.Context, id string) error {
+	s.pids.set(id, 0)
 	err := s.r.Remove(ctx, id)
 	_ = os.Remove(s.logPath(id))
 	return err
@@ -176,7 +221,11 @@ func (s *rawSubject) start(ctx context.Context, id string) error {
 	s.mu.Lock()
 	s.ctrs[id] = rawCtr{c, t}
 	s.mu.Unlock()
-	return t.Start(ctx)
+	if err := t.Start(ctx); err != nil {
+		return err
+	}
+	s.pids.set(id, int(t.Pid()))
+	return nil
 }
 
 func (s *rawSubject) stop(ctx context.Context, id string) error {
@@ -184,6 +233,7 @@ func (s *rawSubject) stop(ctx context.Context, id string) error {
 	rc, ok := s.ctrs[id]
 	delete(s.ctrs, id)
 	s.mu.Unlock()
+	s.pids.set(id, 0)
 	if !ok {
 		return fmt.Errorf("no container %s", id)
 	}

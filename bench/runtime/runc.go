@@ -216,6 +216,13 @@ func (s *runcSubject) Remove(ctx context.Context, key string) (time.Duration, er
 	return d, nil
 }
 
+func (s *runcSubject) Pids(_ context.Context, key string) ([]int, error) {
+	if pid, ok := s.pids[s.id(key)]; ok {
+		return []int{pid}, nil
+	}
+	return nil, fmt.Errorf("no container %s", s.id(key))
+}
+
 // Close force-deletes what is left.
 func (s *runcSubject) Close(ctx context.Context) error {
 	runcLeftovers(ctx, s.l.runcRoot)
