@@ -103,7 +103,26 @@ type NetworkStatus struct {
 	VNI int `json:"vni,omitempty"`
 	// NodeSubnets is the slice of an overlay's subnet given to each node.
 	NodeSubnets map[string]string `json:"nodeSubnets,omitempty"`
+	// Attached, AddressesUsed and AddressesFree are computed when one
+	// network is read: the instances' VNICs on it.
+	Attached      []Attachment `json:"attached,omitempty"`
+	AddressesUsed int          `json:"addressesUsed,omitempty"`
+	AddressesFree int          `json:"addressesFree,omitempty"`
 }
+
+// Attachment is one instance's VNIC on a network.
+type Attachment struct {
+	Instance string `json:"instance"`
+	Node     string `json:"node"`
+	MAC      string `json:"mac"`
+	IP       string `json:"ip"`
+}
+
+// The network every instance joins when its spec names none.
+const (
+	DefaultNetwork       = "default"
+	DefaultNetworkSubnet = "10.88.0.0/16"
+)
 
 // ServiceSpec declares a service: what to run, how many, where and how.
 type ServiceSpec struct {

@@ -161,6 +161,16 @@ func lastAddr(p netip.Prefix) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
+// UsableAddresses is how many instance addresses an IPv4 subnet has: all
+// but the network, broadcast and gateway addresses.
+func UsableAddresses(cidr string) int {
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil || !p.Addr().Is4() || p.Bits() > 30 {
+		return 0
+	}
+	return 1<<(32-p.Bits()) - 3
+}
+
 // Overlaps reports whether two CIDRs share an address.
 func Overlaps(a, b string) bool {
 	pa, err1 := netip.ParsePrefix(a)
@@ -183,6 +193,9 @@ func (s *ServiceSpec) Normalize() {
 	if s.Replicas == nil {
 		one := 1
 		s.Replicas = &one
+	}
+	if len(s.Networks) == 0 {
+		s.Networks = []string{DefaultNetwork}
 	}
 	for i := range s.Ports {
 		if s.Ports[i].Protocol == "" {

@@ -460,6 +460,7 @@ func TestServiceNormalize(t *testing.T) {
 		Name:     "web",
 		Image:    "nginx",
 		Replicas: ptr(1),
+		Networks: []string{DefaultNetwork},
 		Ports:    []PortSpec{{Name: "http", Port: 80, Protocol: "tcp"}, {Name: "dns", Port: 53, Protocol: "udp"}},
 		Check: &CheckSpec{
 			HTTP:     &HTTPCheck{Port: 80, Path: "/"},
@@ -492,6 +493,7 @@ func TestServiceNormalize(t *testing.T) {
 	want.Check = &CheckSpec{TTL: Duration(time.Minute)} // a TTL check gets no interval or timeout
 	want.Replicas = ptr(0)
 	want.Update.MaxSurge = ptr(0)
+	want.Networks = []string{DefaultNetwork}
 	s.Normalize()
 	if !reflect.DeepEqual(s, want) {
 		t.Errorf("Normalize =\n%+v\nwant\n%+v", s, want)

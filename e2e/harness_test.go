@@ -23,6 +23,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if mode := os.Getenv("BERTH_E2E_NET_HELPER"); mode != "" {
+		ipamHelper(mode) // re-executed inside a test host by TestIPAMNoLeak
+	}
 	if os.Geteuid() != 0 {
 		fmt.Println("e2e: skipped, needs root")
 		os.Exit(m.Run())

@@ -21,6 +21,7 @@ import (
 
 	"github.com/berth-dev/berth/api"
 	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/network"
 	"github.com/berth-dev/berth/internal/runtime"
 )
 
@@ -49,6 +50,7 @@ type Agent struct {
 	log       *slog.Logger
 	ready     chan struct{}
 	rt        *runtime.Containerd
+	net       *network.Manager
 	agentAddr string
 }
 
@@ -161,9 +163,14 @@ func (a *Agent) startRuntime(ctx context.Context) (func(), error) {
 		for {
 			rt, err := runtime.New(ctx, a.cfg.DataDir, a.log)
 			if err == nil {
-				a.rt = rt
-				close(rtReady)
-				return
+				nm, nerr := network.New(a.cfg.DataDir, rt.RunDir(), a.log)
+				if nerr == nil {
+					a.rt, a.net = rt, nm
+					close(rtReady)
+					return
+				}
+				_ = rt.Close()
+				err = nerr
 			}
 			if ctx.Err() != nil {
 				return
@@ -184,6 +191,7 @@ func (a *Agent) startRuntime(ctx context.Context) (func(), error) {
 				return
 			}
 		}
+		go a.watchNetworks(ctx)
 		m := &instances{a: a, rt: a.rt, workers: map[string]*worker{}}
 		m.run(ctx)
 	}()
@@ -311,4 +319,31 @@ func DetectAddress() string {
 		}
 	}
 	return "127.0.0.1"
+}
+
+// watchNetworks removes a network's bridge from this node when the network
+// is deleted.
+func (a *Agent) watchNetworks(ctx context.Context) {
+	var from int64
+	for ctx.Err() == nil {
+		s, err := a.c.Watch(ctx, client.WatchNetworks, from)
+		if err != nil {
+			from = 0
+			sleep(ctx, time.Second)
+			continue
+		}
+		for {
+			ev, err := s.Next()
+			if err != nil {
+				break
+			}
+			if ev.Type == api.EventDelete {
+				if err := a.net.RemoveNetwork(ev.Name); err != nil {
+					a.log.Warn("agent: remove network", "network", ev.Name, "err", err)
+				}
+			}
+		}
+		from = s.Revision()
+		s.Close()
+	}
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/berth-dev/berth/api"
 	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/network"
 	"github.com/berth-dev/berth/internal/runtime"
 )
 
@@ -128,6 +129,15 @@ func (m *instances) sweep(ctx context.Context, listed map[string]bool) {
 	for _, id := range gone {
 		m.update(ctx, id, nil)
 	}
+	m.a.net.Sweep(func(id string) bool {
+		if listed[id] {
+			return true
+		}
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		_, has := m.workers[id]
+		return has
+	})
 	states, err := m.rt.List(ctx)
 	if err != nil {
 		m.a.log.Warn("agent: list containers", "err", err)
@@ -298,6 +308,9 @@ func (w *worker) reconcile(ctx context.Context) bool {
 		if err := rt.Remove(ctx, w.id); err != nil {
 			w.log().warn("agent: remove", "err", err)
 		}
+		if err := w.m.a.net.Teardown(ctx, w.id, w.attachmentsFromStatus(ctx)); err != nil {
+			w.log().warn("agent: network teardown", "err", err)
+		}
 		_ = os.RemoveAll(w.m.a.instDir(w.id))
 		for _, p := range []string{"", ".1", ".2"} {
 			_ = os.Remove(w.m.a.logPath(w.id) + p)
@@ -339,7 +352,21 @@ func (w *worker) reconcile(ctx context.Context) bool {
 	switch {
 	case !exists:
 		w.restartAt = time.Time{}
-		if err := rt.Create(ctx, w.runtimeSpec(in, spec)); err != nil {
+		atts, err := w.attachments(ctx, spec)
+		if err != nil {
+			w.fail(ctx, api.ReasonStartFailed, err.Error())
+			return false
+		}
+		netns, vnics, err := w.m.a.net.Setup(ctx, w.id, atts)
+		if err != nil {
+			w.fail(ctx, api.ReasonStartFailed, err.Error())
+			return false
+		}
+		w.status.VNICs = vnics
+		w.status.Ports = portBindings(spec)
+		rs := w.runtimeSpec(in, spec)
+		rs.NetnsPath = netns
+		if err := rt.Create(ctx, rs); err != nil {
 			reason := api.ReasonStartFailed
 			if errors.Is(err, runtime.ErrImageNotFound) {
 				reason = api.ReasonImageNotFound
@@ -490,7 +517,11 @@ func (w *worker) runtimeSpec(in *api.Instance, spec api.ServiceSpec) runtime.Spe
 	resolv := filepath.Join(dir, "resolv.conf")
 	hosts := filepath.Join(dir, "hosts")
 	_ = os.WriteFile(resolv, []byte(resolvConf()), 0o644)
-	_ = os.WriteFile(hosts, []byte(fmt.Sprintf("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n", w.id)), 0o644)
+	self := "127.0.1.1"
+	if len(w.status.VNICs) > 0 && w.status.VNICs[0].IP != "" {
+		self = w.status.VNICs[0].IP
+	}
+	_ = os.WriteFile(hosts, []byte(fmt.Sprintf("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n", self, w.id)), 0o644)
 	return runtime.Spec{
 		ID: w.id, Image: spec.Image, Command: spec.Command, Args: spec.Args, Env: spec.Env,
 		Resources: in.Resources, User: spec.Security.User, ReadOnly: spec.Security.ReadOnlyRootFilesystem,
@@ -515,4 +546,54 @@ func resolvConf() string {
 		out = append(out, line)
 	}
 	return strings.Join(out, "\n")
+}
+
+// attachments resolves the spec's networks (and the ports published on the
+// first) for the network manager.
+func (w *worker) attachments(ctx context.Context, spec api.ServiceSpec) ([]network.Attachment, error) {
+	names := spec.Networks
+	if len(names) == 0 {
+		names = []string{api.DefaultNetwork}
+	}
+	var atts []network.Attachment
+	for i, name := range names {
+		n, err := w.m.a.c.GetNetwork(ctx, name)
+		if err != nil {
+			return nil, fmt.Errorf("network %s: %w", name, err)
+		}
+		a := network.Attachment{Network: n}
+		if i == 0 {
+			a.Ports = spec.Ports
+		}
+		atts = append(atts, a)
+	}
+	return atts, nil
+}
+
+// attachmentsFromStatus rebuilds the attachments of the VNICs the instance
+// reported, for a teardown after the spec may be gone.
+func (w *worker) attachmentsFromStatus(ctx context.Context) []network.Attachment {
+	var atts []network.Attachment
+	for _, v := range w.status.VNICs {
+		n, err := w.m.a.c.GetNetwork(ctx, v.Network)
+		if err != nil {
+			n = api.Network{NetworkSpec: api.NetworkSpec{Name: v.Network}}
+		}
+		a := network.Attachment{Network: n}
+		if len(atts) == 0 {
+			for _, p := range w.status.Ports {
+				a.Ports = append(a.Ports, api.PortSpec{Name: p.Name, Port: p.Port, Protocol: p.Protocol, HostPort: p.HostPort})
+			}
+		}
+		atts = append(atts, a)
+	}
+	return atts
+}
+
+func portBindings(spec api.ServiceSpec) []api.PortBinding {
+	var out []api.PortBinding
+	for _, p := range spec.Ports {
+		out = append(out, api.PortBinding{Name: p.Name, Port: p.Port, Protocol: p.Protocol, HostPort: p.HostPort})
+	}
+	return out
 }

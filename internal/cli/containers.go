@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -119,7 +121,7 @@ func (g *globals) callLong(fn func(ctx context.Context, c *client.Client) error)
 type runFlags struct {
 	image, cpu, memory, cpuLimit, memoryLimit, restart, user string
 	replicas, maxRestarts                                    int
-	env                                                      []string
+	env, networks, publish                                   []string
 	readOnly, detach                                         bool
 }
 
@@ -160,6 +162,26 @@ func runCmd(g *globals) *cobra.Command {
 				spec["env"] = env
 			}
 			spec["restart"] = map[string]any{"policy": f.restart, "maxRestarts": f.maxRestarts}
+			if len(f.networks) > 0 {
+				spec["networks"] = f.networks
+			}
+			var ports []map[string]any
+			for _, p := range f.publish {
+				hp, cp, ok := strings.Cut(p, ":")
+				proto := "tcp"
+				if c, pr, has := strings.Cut(cp, "/"); has {
+					cp, proto = c, pr
+				}
+				h, err1 := strconv.Atoi(hp)
+				c, err2 := strconv.Atoi(cp)
+				if !ok || err1 != nil || err2 != nil {
+					return fmt.Errorf("--publish %q: expected HOSTPORT:PORT[/tcp|udp]", p)
+				}
+				ports = append(ports, map[string]any{"name": fmt.Sprintf("p%d", c), "port": c, "hostPort": h, "protocol": proto})
+			}
+			if len(ports) > 0 {
+				spec["ports"] = ports
+			}
 			if f.user != "" || f.readOnly {
 				spec["security"] = map[string]any{"user": f.user, "readOnlyRootFilesystem": f.readOnly}
 			}
@@ -190,6 +212,8 @@ func runCmd(g *globals) *cobra.Command {
 	fl.StringVar(&f.cpuLimit, "cpu-limit", "", "CPU limit (CFS quota), e.g. 1")
 	fl.StringVar(&f.memoryLimit, "memory-limit", "", "memory limit above the request")
 	fl.StringArrayVar(&f.env, "env", nil, "environment variable K=V (repeatable)")
+	fl.StringArrayVar(&f.networks, "network", nil, "join this network (repeatable; default: the default network)")
+	fl.StringArrayVarP(&f.publish, "publish", "p", nil, "publish a port on the node, HOSTPORT:PORT[/proto] (repeatable)")
 	fl.StringVar(&f.restart, "restart", "always", "restart policy: always, on-failure or never")
 	fl.IntVar(&f.maxRestarts, "max-restarts", 0, "with on-failure: at most this many restarts (0: no bound)")
 	fl.StringVar(&f.user, "user", "", "run as this user (uid[:gid] or name)")
@@ -277,13 +301,17 @@ func psCmd(g *globals) *cobra.Command {
 				return render(g.stdout, format, l.Items, func(tw *tabwriter.Writer) {
 					head := []any{"ID", "SERVICE", "NODE", "STATE", "EXIT", "RESTARTS", "STARTED"}
 					if g.output == "wide" {
-						head = append(head, "REASON", "MESSAGE")
+						head = append(head, "NETWORKS", "REASON", "MESSAGE")
 					}
 					row(tw, head...)
 					for _, in := range l.Items {
 						cols := []any{in.ID, in.Service, orDash(in.Node), in.Status.State, exitText(in), in.Status.Restarts, ago(in.Status.StartedAt)}
 						if g.output == "wide" {
-							cols = append(cols, orDash(in.Status.Reason), orDash(in.Status.Message))
+							var nets []string
+							for _, v := range in.Status.VNICs {
+								nets = append(nets, fmt.Sprintf("%s=%s/%s", v.Network, v.IP, v.MAC))
+							}
+							cols = append(cols, orDash(strings.Join(nets, ",")), orDash(in.Status.Reason), orDash(in.Status.Message))
 						}
 						row(tw, cols...)
 					}
@@ -317,6 +345,14 @@ func inspectCmd(g *globals) *cobra.Command {
 					row(tw, "Started:", ago(in.Status.StartedAt))
 					row(tw, "Finished:", ago(in.Status.FinishedAt))
 					row(tw, "Resources:", fmt.Sprintf("cpu %s, memory %s", in.Resources.CPU, in.Resources.Memory.Human()))
+					for _, v := range in.Status.VNICs {
+						row(tw, "VNIC:", fmt.Sprintf("%s %s ip %s mac %s", v.Network, v.Interface, v.IP, v.MAC))
+					}
+					for _, p := range in.Status.Ports {
+						if p.HostPort != 0 {
+							row(tw, "Published:", fmt.Sprintf("%d/%s -> %d", p.HostPort, p.Protocol, p.Port))
+						}
+					}
 				})
 			})
 		}}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/berth-dev/berth/api"
 	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/network"
 )
 
 // call runs fn with a client and a bounded context.
@@ -133,7 +134,12 @@ func networkCmd(g *globals) *cobra.Command {
 					row(tw, "Driver:", n.Driver)
 					row(tw, "Subnet:", n.Subnet)
 					row(tw, "Gateway:", n.Gateway)
+					row(tw, "Bridge:", network.BridgeName(n.Name))
+					row(tw, "Addresses:", fmt.Sprintf("%d used, %d free", n.Status.AddressesUsed, n.Status.AddressesFree))
 					row(tw, "Created:", ago(n.CreatedAt))
+					for _, a := range n.Status.Attached {
+						row(tw, "Attached:", fmt.Sprintf("%s on %s: ip %s mac %s", a.Instance, a.Node, a.IP, a.MAC))
+					}
 				})
 			})
 		}}

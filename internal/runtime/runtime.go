@@ -56,6 +56,9 @@ type Spec struct {
 	ResolvConf, Hosts string
 	LogPath           string
 	Labels            map[string]string
+	// NetnsPath is the network namespace to join (made by the network
+	// package); empty gives the container a new, empty one.
+	NetnsPath string
 }
 
 // State is what containerd knows of a container.
@@ -109,6 +112,9 @@ func New(ctx context.Context, dataDir string, log *slog.Logger) (*Containerd, er
 
 // Close drops the client; containerd and the containers go on.
 func (r *Containerd) Close() error { return r.c.Close() }
+
+// RunDir is the volatile directory of this runtime (/run/berth-<hash>).
+func (r *Containerd) RunDir() string { return filepath.Dir(r.paths.Socket) }
 
 // Client exposes the containerd client (benchmarks, tests).
 func (r *Containerd) Client() *containerd.Client { return r.c }
@@ -223,6 +229,9 @@ func (r *Containerd) Create(ctx context.Context, s Spec) error {
 	}
 	if s.ReadOnly {
 		opts = append(opts, oci.WithRootFSReadonly())
+	}
+	if s.NetnsPath != "" {
+		opts = append(opts, oci.WithLinuxNamespace(specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: s.NetnsPath}))
 	}
 	if s.User != "" {
 		opts = append(opts, oci.WithUser(s.User))

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -38,9 +39,50 @@ func (s *Server) listNetworks(w http.ResponseWriter, r *http.Request) error {
 	return s.serveList(w, r, keyNetworks, api.KindNetwork, nil)
 }
 
+// getNetwork answers one network with the instances attached to it and its
+// address usage.
 func (s *Server) getNetwork(w http.ResponseWriter, r *http.Request) error {
 	name := r.PathValue("name")
-	return s.getOne(w, r, api.KindNetwork, keyNetworks+name, name)
+	var n api.Network
+	rev, err := s.st.Get(r.Context(), keyNetworks+name, &n)
+	if errors.Is(err, store.ErrNotFound) {
+		return notFound("network", name)
+	}
+	if err != nil {
+		return err
+	}
+	n.Revision = rev
+	kvs, _, err := s.st.List(r.Context(), keyInstances)
+	if err != nil {
+		return err
+	}
+	for _, kv := range kvs {
+		var in api.Instance
+		if json.Unmarshal(kv.Value, &in) != nil {
+			continue
+		}
+		for _, v := range in.Status.VNICs {
+			if v.Network == name {
+				n.Status.Attached = append(n.Status.Attached, api.Attachment{Instance: in.ID, Node: in.Node, MAC: v.MAC, IP: v.IP})
+			}
+		}
+	}
+	n.Status.AddressesUsed = len(n.Status.Attached)
+	n.Status.AddressesFree = max(0, api.UsableAddresses(n.Subnet)-n.Status.AddressesUsed)
+	writeJSON(w, http.StatusOK, n)
+	return nil
+}
+
+// ensureDefaultNetwork creates the default network on the first start.
+func (s *Server) ensureDefaultNetwork(ctx context.Context) {
+	spec := api.NetworkSpec{Name: api.DefaultNetwork, Subnet: api.DefaultNetworkSubnet}
+	spec.Normalize()
+	now := time.Now().UTC()
+	n := api.Network{NetworkSpec: spec}
+	n.CreatedAt, n.UpdatedAt = now, now
+	if _, err := s.st.Put(ctx, keyNetworks+spec.Name, n, 0); err != nil && !errors.Is(err, store.ErrExists) {
+		s.log.Warn("default network", "err", err)
+	}
 }
 
 // createNetwork stores a network; names and subnets are unique. One index
@@ -119,6 +161,20 @@ func (s *Server) deleteNetwork(w http.ResponseWriter, r *http.Request) error {
 	}
 	if len(users) > 0 {
 		return apiError(http.StatusConflict, api.CodeConflict, "network %q is in use by services %v", name, users)
+	}
+	ikvs, _, err := s.st.List(ctx, keyInstances)
+	if err != nil {
+		return err
+	}
+	for _, kv := range ikvs {
+		var in api.Instance
+		if json.Unmarshal(kv.Value, &in) == nil {
+			for _, v := range in.Status.VNICs {
+				if v.Network == name {
+					return apiError(http.StatusConflict, api.CodeConflict, "network %q is in use by instance %s", name, in.ID)
+				}
+			}
+		}
 	}
 	if _, err := s.st.Delete(ctx, keyNetworks+name, rev); err != nil {
 		return err

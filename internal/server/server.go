@@ -76,6 +76,7 @@ func (s *Server) Ready() <-chan struct{} { return s.cache.Ready() }
 // Run fills the cache and, while this server is the elected leader, runs the
 // controllers. It returns when ctx ends.
 func (s *Server) Run(ctx context.Context) error {
+	s.ensureDefaultNetwork(ctx)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
