@@ -31,6 +31,10 @@ command -v curl >/dev/null || need+=(curl)
 command -v runc >/dev/null || need+=(runc)                       # the OCI runtime (1.1.x)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)  # static busybox for test and demo images
 command -v docker-registry >/dev/null || need+=(docker-registry) # a real registry for pull tests
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins) # bridge, host-local, portmap (1.1.x)
+command -v iptables >/dev/null || need+=(iptables)               # portmap's rules
+command -v nft >/dev/null || need+=(nftables)                    # to inspect berth's table
+command -v iperf3 >/dev/null || need+=(iperf3)                   # network benchmarks
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "install: run as root to install ${need[*]}" >&2
