@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	goruntime "runtime"
 	"strconv"
@@ -321,12 +322,11 @@ func DetectAddress() string {
 	return "127.0.0.1"
 }
 
-// watchNetworks removes a network's bridge from this node when the network
-// is deleted.
-func (a *Agent) watchNetworks(ctx context.Context) {
+// watch follows a list path, calling fn for every event, until ctx ends.
+func (a *Agent) watch(ctx context.Context, path string, fn func(api.Event)) {
 	var from int64
 	for ctx.Err() == nil {
-		s, err := a.c.Watch(ctx, client.WatchNetworks, from)
+		s, err := a.c.Watch(ctx, path, from)
 		if err != nil {
 			from = 0
 			sleep(ctx, time.Second)
@@ -337,13 +337,78 @@ func (a *Agent) watchNetworks(ctx context.Context) {
 			if err != nil {
 				break
 			}
-			if ev.Type == api.EventDelete {
-				if err := a.net.RemoveNetwork(ev.Name); err != nil {
-					a.log.Warn("agent: remove network", "network", ev.Name, "err", err)
-				}
-			}
+			fn(ev)
 		}
 		from = s.Revision()
 		s.Close()
+	}
+}
+
+// watchNetworks removes a deleted network's bridge and VXLAN device from
+// this node, and keeps overlay networks programmed as nodes come and go.
+func (a *Agent) watchNetworks(ctx context.Context) {
+	poke := make(chan struct{}, 1)
+	kick := func() {
+		select {
+		case poke <- struct{}{}:
+		default:
+		}
+	}
+	go a.watch(ctx, client.WatchNetworks, func(ev api.Event) {
+		if ev.Type == api.EventDelete {
+			if err := a.net.RemoveNetwork(ev.Name); err != nil {
+				a.log.Warn("agent: remove network", "network", ev.Name, "err", err)
+			}
+		}
+		kick()
+	})
+	go a.watch(ctx, client.WatchNodes, func(api.Event) { kick() })
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-poke:
+		case <-tick.C:
+		}
+		a.reconcileOverlays(ctx)
+	}
+}
+
+// reconcileOverlays programs every overlay network this node has a slice of.
+func (a *Agent) reconcileOverlays(ctx context.Context) {
+	nets, err := a.c.ListNetworks(ctx)
+	if err != nil {
+		return
+	}
+	var nodes []api.Node
+	for _, n := range nets.Items {
+		if n.Driver != api.DriverOverlay || n.Status.NodeSubnets[a.cfg.Name] == "" {
+			continue
+		}
+		if nodes == nil {
+			l, err := a.c.ListNodes(ctx)
+			if err != nil {
+				return
+			}
+			nodes = l.Items
+		}
+		mine, err := netip.ParsePrefix(n.Status.NodeSubnets[a.cfg.Name])
+		if err != nil {
+			continue
+		}
+		var peers []network.Peer
+		for _, node := range nodes {
+			sl, err := netip.ParsePrefix(n.Status.NodeSubnets[node.Name])
+			addr := net.ParseIP(node.Address)
+			if node.Name == a.cfg.Name || node.Status.State != api.NodeReady || err != nil || addr == nil {
+				continue
+			}
+			peers = append(peers, network.Peer{Node: node.Name, Address: addr, Slice: sl})
+		}
+		if err := a.net.Overlay(n, a.cfg.Name, net.ParseIP(a.cfg.Address), mine, peers); err != nil {
+			a.log.Warn("agent: overlay", "network", n.Name, "err", err)
+		}
 	}
 }

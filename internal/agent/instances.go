@@ -201,6 +201,7 @@ type worker struct {
 	restartAt   time.Time
 	consecutive int
 	gone        bool
+	netns       string
 }
 
 func (w *worker) set(in *api.Instance) {
@@ -353,19 +354,24 @@ func (w *worker) reconcile(ctx context.Context) bool {
 	case !exists:
 		w.restartAt = time.Time{}
 		atts, err := w.attachments(ctx, spec)
+		if err == nil {
+			var netns string
+			var vnics []api.VNIC
+			if netns, vnics, err = w.m.a.net.Setup(ctx, w.id, atts); err == nil {
+				w.status.VNICs = vnics
+				w.netns = netns
+			}
+		}
 		if err != nil {
+			// Networks may just not be ready here yet (an overlay slice
+			// being assigned): report, and try again shortly.
 			w.fail(ctx, api.ReasonStartFailed, err.Error())
+			w.restartAt = time.Now().Add(2 * time.Second)
 			return false
 		}
-		netns, vnics, err := w.m.a.net.Setup(ctx, w.id, atts)
-		if err != nil {
-			w.fail(ctx, api.ReasonStartFailed, err.Error())
-			return false
-		}
-		w.status.VNICs = vnics
 		w.status.Ports = portBindings(spec)
 		rs := w.runtimeSpec(in, spec)
-		rs.NetnsPath = netns
+		rs.NetnsPath = w.netns
 		if err := rt.Create(ctx, rs); err != nil {
 			reason := api.ReasonStartFailed
 			if errors.Is(err, runtime.ErrImageNotFound) {
@@ -561,7 +567,7 @@ func (w *worker) attachments(ctx context.Context, spec api.ServiceSpec) ([]netwo
 		if err != nil {
 			return nil, fmt.Errorf("network %s: %w", name, err)
 		}
-		a := network.Attachment{Network: n}
+		a := network.Attachment{Network: n, Slice: n.Status.NodeSubnets[w.m.a.cfg.Name]}
 		if i == 0 {
 			a.Ports = spec.Ports
 		}
@@ -579,7 +585,7 @@ func (w *worker) attachmentsFromStatus(ctx context.Context) []network.Attachment
 		if err != nil {
 			n = api.Network{NetworkSpec: api.NetworkSpec{Name: v.Network}}
 		}
-		a := network.Attachment{Network: n}
+		a := network.Attachment{Network: n, Slice: n.Status.NodeSubnets[w.m.a.cfg.Name]}
 		if len(atts) == 0 {
 			for _, p := range w.status.Ports {
 				a.Ports = append(a.Ports, api.PortSpec{Name: p.Name, Port: p.Port, Protocol: p.Protocol, HostPort: p.HostPort})

@@ -73,6 +73,15 @@ func (f *firewall) ensure(bridge, subnet string) error {
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname(bridge)},
 		&expr.Verdict{Kind: expr.VerdictDrop},
 	}})
+	// Nor to another overlay network's VXLAN device.
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(bridge)},
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("vx-")},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname("vx-" + bridge[3:])},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	}})
 	if p, err := netip.ParsePrefix(subnet); err == nil && p.Addr().Is4() {
 		nat := c.AddChain(&nftables.Chain{Name: "masquerade", Table: t, Type: nftables.ChainTypeNAT,
 			Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
@@ -84,8 +93,10 @@ func (f *firewall) ensure(bridge, subnet string) error {
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: []byte{0, 0, 0, 0}},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr[:]},
-			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname(bridge)},
+			// ... and is not for the network itself (other nodes' slices).
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: []byte{0, 0, 0, 0}},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: addr[:]},
 			&expr.Masq{},
 		}})
 	}

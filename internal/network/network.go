@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -84,9 +85,18 @@ func (m *Manager) NetnsPath(id string) string { return filepath.Join(m.netnsDir,
 // published (it costs iptables calls on every add and delete).
 func (m *Manager) conflist(a Attachment) (*libcni.NetworkConfigList, error) {
 	n := a.Network
+	subnet, gateway, mtu := n.Subnet, n.Gateway, 0
+	if n.Driver == api.DriverOverlay {
+		p, err := netip.ParsePrefix(a.Slice)
+		if err != nil {
+			return nil, fmt.Errorf("overlay network %s has no subnet slice for this node yet", n.Name)
+		}
+		subnet, gateway, mtu = p.String(), p.Addr().Next().String(), OverlayMTU
+	}
 	plugins := []any{
 		map[string]any{
 			"type":        "bridge",
+			"mtu":         mtu,
 			"bridge":      BridgeName(n.Name),
 			"isGateway":   true,
 			"ipMasq":      false, // one nftables rule per network instead (firewall.go)
@@ -94,7 +104,7 @@ func (m *Manager) conflist(a Attachment) (*libcni.NetworkConfigList, error) {
 			"ipam": map[string]any{
 				"type":    "host-local",
 				"dataDir": filepath.Join(m.dataDir, "cni", "ipam"),
-				"ranges":  [][]map[string]string{{{"subnet": n.Subnet, "gateway": n.Gateway}}},
+				"ranges":  [][]map[string]string{{{"subnet": subnet, "gateway": gateway}}},
 				"routes":  []map[string]string{{"dst": "0.0.0.0/0"}},
 			},
 		},
@@ -121,6 +131,9 @@ func (m *Manager) conflist(a Attachment) (*libcni.NetworkConfigList, error) {
 type Attachment struct {
 	Network api.Network
 	Ports   []api.PortSpec // only those with a HostPort are published
+	// Slice is this node's part of an overlay network's subnet, from which
+	// its instances get addresses.
+	Slice string
 }
 
 func runtimeConf(id, netns string, i int, a Attachment) *libcni.RuntimeConf {
@@ -312,5 +325,6 @@ func (m *Manager) RemoveNetwork(name string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	_ = os.RemoveAll(filepath.Join(m.dataDir, "cni", "ipam", "berth-"+name))
+	_ = removeLink(VXLANName(name))
 	return removeBridge(BridgeName(name))
 }

@@ -195,7 +195,8 @@ func Shutdown(ctx context.Context, p Paths, log *slog.Logger) error {
 	for _, pid := range shimsOf(p) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
-	for _, dir := range []string{p.State, p.Root, p.RuncRoot} {
+	// The run dir also holds instances' network namespaces (bind mounts).
+	for _, dir := range []string{p.State, p.Root, p.RuncRoot, filepath.Dir(p.Socket)} {
 		if err := unmountUnder(dir); err != nil {
 			errs = append(errs, err)
 		}

@@ -47,7 +47,8 @@ func (s *Server) runDeployments(ctx context.Context) {
 // services, nodes and instances (status reports change services' counts).
 func relevant(evs []storeEvent) bool {
 	for _, e := range evs {
-		if strings.HasPrefix(e.Key, keyServices) || strings.HasPrefix(e.Key, keyNodes) || strings.HasPrefix(e.Key, keyInstances) {
+		if strings.HasPrefix(e.Key, keyServices) || strings.HasPrefix(e.Key, keyNodes) || strings.HasPrefix(e.Key, keyInstances) ||
+			strings.HasPrefix(e.Key, keyNetworks) {
 			return true
 		}
 	}
@@ -61,6 +62,7 @@ func (s *Server) reconcileAll(ctx context.Context) {
 	services := map[string]api.Service{}
 	byService := map[string][]api.Instance{}
 	var nodes []api.Node
+	var networks []api.Network
 	for _, ev := range snap {
 		switch {
 		case strings.HasPrefix(ev.Key, keyServices):
@@ -80,8 +82,15 @@ func (s *Server) reconcileAll(ctx context.Context) {
 			if json.Unmarshal(ev.Value, &n) == nil {
 				nodes = append(nodes, n)
 			}
+		case strings.HasPrefix(ev.Key, keyNetworks):
+			var n api.Network
+			if json.Unmarshal(ev.Value, &n) == nil {
+				n.Revision = ev.Revision
+				networks = append(networks, n)
+			}
 		}
 	}
+	s.reconcileOverlays(ctx, networks, nodes)
 	load := map[string]int{}
 	for _, list := range byService {
 		for _, in := range list {

@@ -73,6 +73,9 @@ func (s *Server) getNetwork(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// firstVNI is the VXLAN id of the first overlay network.
+const firstVNI = 4096
+
 // ensureDefaultNetwork creates the default network on the first start.
 func (s *Server) ensureDefaultNetwork(ctx context.Context) {
 	spec := api.NetworkSpec{Name: api.DefaultNetwork, Subnet: api.DefaultNetworkSubnet}
@@ -107,11 +110,13 @@ func (s *Server) createNetwork(w http.ResponseWriter, r *http.Request) error {
 		if err != nil {
 			return err
 		}
+		maxVNI := 0
 		for _, kv := range kvs {
 			var n api.Network
 			if json.Unmarshal(kv.Value, &n) != nil {
 				continue
 			}
+			maxVNI = max(maxVNI, n.Status.VNI)
 			if n.Name == spec.Name {
 				return apiError(http.StatusConflict, api.CodeConflict, "network %q already exists", spec.Name)
 			}
@@ -122,6 +127,10 @@ func (s *Server) createNetwork(w http.ResponseWriter, r *http.Request) error {
 		}
 		now := time.Now().UTC()
 		n := api.Network{NetworkSpec: spec}
+		if spec.Driver == api.DriverOverlay {
+			// VNIs are unique among networks: creation is serialised.
+			n.Status.VNI = max(maxVNI+1, firstVNI)
+		}
 		n.CreatedAt, n.UpdatedAt = now, now
 		rev, err := s.st.Txn(ctx,
 			store.Write{Key: keyNetworksIndex, Value: map[string]string{"last": spec.Name}, Expect: idxRev},
