@@ -52,12 +52,18 @@ go run ./hack/mkimage -o "$state/demo-image.tar" -ref localhost/berth-demo:1 \
   -file "/www/index.html=hello from a berth container"
 step berth image import .berth/demo-image.tar
 "$berth" image import "$state/demo-image.tar"
-step "berth run hello --image localhost/berth-demo:1 --replicas 2 --memory 32Mi -- sh -c '...httpd...'"
-"$berth" run hello --image localhost/berth-demo:1 --replicas 2 --memory 32Mi \
+step "berth run hello --image localhost/berth-demo:1 --replicas 2 --network demo --memory 32Mi -- sh -c '...httpd...'"
+"$berth" run hello --image localhost/berth-demo:1 --replicas 2 --network demo --memory 32Mi \
   -- sh -c 'echo "hello from $(hostname)"; exec httpd -f -p 8080 -h /www'
-step berth ps
-"$berth" ps
+step "berth ps -o wide   (each instance's VNIC: network=IP/MAC)"
+"$berth" ps -o wide
 id=$("$berth" ps -o json | sed -n 's/^    "id": "\(.*\)",$/\1/p' | head -1)
+other=$("$berth" ps -o json | sed -n 's/^    "id": "\(.*\)",$/\1/p' | sed -n 2p)
+otherip=$("$berth" inspect "$other" -o json | sed -n 's/^        "ip": "\(.*\)"$/\1/p' | head -1)
+step "berth network inspect demo"
+"$berth" network inspect demo
+step "berth exec $id -- wget -q -O - http://$otherip:8080/index.html   (one instance calls the other over the demo network)"
+"$berth" exec "$id" -- wget -q -O - "http://$otherip:8080/index.html"; echo
 step "berth logs $id"
 "$berth" logs "$id"
 step "berth exec $id -- wget -q -O - http://127.0.0.1:8080/index.html"

@@ -13,6 +13,7 @@ import (
 
 	"github.com/berth-dev/berth/api"
 	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/network"
 	"github.com/berth-dev/berth/internal/runtime"
 )
 
@@ -448,7 +449,7 @@ func rmCmd(g *globals) *cobra.Command {
 
 func agentCleanupCmd(g *globals) *cobra.Command {
 	var dataDir string
-	cmd := &cobra.Command{Use: "cleanup", Short: "Stop this node's containers and runtime and unmount what they left (for resets and tests)", Args: cobra.NoArgs,
+	cmd := &cobra.Command{Use: "cleanup", Short: "Stop this node's containers and runtime, unmount what they left, and remove berth's bridges and nftables table (for resets and tests)", Args: cobra.NoArgs,
 		RunE: func(*cobra.Command, []string) error {
 			p, err := runtime.PathsFor(dataDir)
 			if err != nil {
@@ -459,7 +460,10 @@ func agentCleanupCmd(g *globals) *cobra.Command {
 			if err := runtime.Shutdown(ctx, p, g.logger()); err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "runtime of %s stopped and cleaned\n", dataDir)
+			if err := network.Cleanup(); err != nil {
+				return err
+			}
+			fmt.Fprintf(g.stdout, "runtime of %s stopped and cleaned; berth's bridges and nftables table removed\n", dataDir)
 			return nil
 		}}
 	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/berth", "the agent's data directory")

@@ -1,6 +1,7 @@
 package network
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -123,4 +124,27 @@ func loUp() error {
 		return err
 	}
 	return netlink.LinkSetUp(lo)
+}
+
+// Cleanup removes berth's bridges, VXLAN devices and nftables table from
+// this network namespace (for resets and tests: instances must be gone).
+func Cleanup() error {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, l := range links {
+		name := l.Attrs().Name
+		if len(name) > 3 && (name[:3] == "bz-" || name[:3] == "vx-") {
+			if err := netlink.LinkDel(l); err != nil {
+				errs = append(errs, fmt.Errorf("delete %s: %w", name, err))
+			}
+		}
+	}
+	if c, err := nftables.New(); err == nil {
+		c.DelTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: tableName})
+		_ = c.Flush() // absent is fine
+	}
+	return errors.Join(errs...)
 }
