@@ -588,7 +588,7 @@ func (w *worker) attachmentsFromStatus(ctx context.Context) []network.Attachment
 		a := network.Attachment{Network: n, Slice: n.Status.NodeSubnets[w.m.a.cfg.Name]}
 		if len(atts) == 0 {
 			for _, p := range w.status.Ports {
-				a.Ports = append(a.Ports, api.PortSpec{Name: p.Name, Port: p.Port, Protocol: p.Protocol, HostPort: p.HostPort})
+				a.Ports = append(a.Ports, api.PortSpec(p))
 			}
 		}
 		atts = append(atts, a)
@@ -599,7 +599,7 @@ func (w *worker) attachmentsFromStatus(ctx context.Context) []network.Attachment
 func portBindings(spec api.ServiceSpec) []api.PortBinding {
 	var out []api.PortBinding
 	for _, p := range spec.Ports {
-		out = append(out, api.PortBinding{Name: p.Name, Port: p.Port, Protocol: p.Protocol, HostPort: p.HostPort})
+		out = append(out, api.PortBinding(p))
 	}
 	return out
 }
