@@ -80,6 +80,9 @@ func TestNetworksReachabilityAndIsolation(t *testing.T) {
 	if hosts := b.mustCLI("exec", as[0].ID, "--", "cat", "/etc/hosts"); !strings.Contains(hosts, a0.IP+"\t"+as[0].ID) {
 		t.Fatalf("/etc/hosts: %q", hosts)
 	}
+	if rc := b.mustCLI("exec", cs[0].ID, "--", "cat", "/etc/resolv.conf"); !strings.Contains(rc, "nameserver 10.90.0.1\nnameserver 10.91.0.1\nsearch svc.berth") {
+		t.Fatalf("resolv.conf should point at berth's DNS on each network's gateway:\n%s", rc)
+	}
 	if out := b.mustCLI("ps", "-o", "wide"); !strings.Contains(out, "front="+a0.IP) {
 		t.Fatalf("ps -o wide does not show VNICs:\n%s", out)
 	}

@@ -202,6 +202,7 @@ type worker struct {
 	consecutive int
 	gone        bool
 	netns       string
+	gateways    map[string]string // network → the gateway its VNIC uses
 }
 
 func (w *worker) set(in *api.Instance) {
@@ -522,7 +523,7 @@ func (w *worker) runtimeSpec(in *api.Instance, spec api.ServiceSpec) runtime.Spe
 	_ = os.MkdirAll(dir, 0o755)
 	resolv := filepath.Join(dir, "resolv.conf")
 	hosts := filepath.Join(dir, "hosts")
-	_ = os.WriteFile(resolv, []byte(resolvConf()), 0o644)
+	_ = os.WriteFile(resolv, []byte(w.resolvConf()), 0o644)
 	self := "127.0.1.1"
 	if len(w.status.VNICs) > 0 && w.status.VNICs[0].IP != "" {
 		self = w.status.VNICs[0].IP
@@ -536,9 +537,26 @@ func (w *worker) runtimeSpec(in *api.Instance, spec api.ServiceSpec) runtime.Spe
 	}
 }
 
-// resolvConf is the node's resolver configuration without loopback
+// resolvConf points the container at berth's DNS on its networks: the
+// gateway of each network it joins (where the node serves names), searching
+// svc.berth. Without networks it falls back to the node's resolvers.
+func (w *worker) resolvConf() string {
+	var b strings.Builder
+	for _, v := range w.status.VNICs {
+		if gw := w.gateways[v.Network]; gw != "" {
+			fmt.Fprintf(&b, "nameserver %s\n", gw)
+		}
+	}
+	if b.Len() == 0 {
+		return nodeResolvConf()
+	}
+	b.WriteString("search svc.berth\noptions ndots:1 timeout:2\n")
+	return b.String()
+}
+
+// nodeResolvConf is the node's resolver configuration without loopback
 // nameservers, which mean nothing inside a container's own network.
-func resolvConf() string {
+func nodeResolvConf() string {
 	b, err := os.ReadFile("/etc/resolv.conf")
 	if err != nil {
 		return ""
@@ -571,6 +589,10 @@ func (w *worker) attachments(ctx context.Context, spec api.ServiceSpec) ([]netwo
 		if i == 0 {
 			a.Ports = spec.Ports
 		}
+		if w.gateways == nil {
+			w.gateways = map[string]string{}
+		}
+		w.gateways[name] = network.Gateway(a)
 		atts = append(atts, a)
 	}
 	return atts, nil

@@ -81,6 +81,17 @@ func New(dataDir, runDir string, log *slog.Logger) (*Manager, error) {
 // NetnsPath is where an instance's network namespace is kept.
 func (m *Manager) NetnsPath(id string) string { return filepath.Join(m.netnsDir, id) }
 
+// Gateway is the address an attachment's VNIC routes through: the network's
+// gateway, or on an overlay the first address of this node's slice.
+func Gateway(a Attachment) string {
+	if a.Network.Driver == api.DriverOverlay {
+		if p, err := netip.ParsePrefix(a.Slice); err == nil {
+			return p.Addr().Next().String()
+		}
+	}
+	return a.Network.Gateway
+}
+
 // conflist is the plugin chain of a network; portmap only when ports are
 // published (it costs iptables calls on every add and delete).
 func (m *Manager) conflist(a Attachment) (*libcni.NetworkConfigList, error) {
@@ -91,7 +102,7 @@ func (m *Manager) conflist(a Attachment) (*libcni.NetworkConfigList, error) {
 		if err != nil {
 			return nil, fmt.Errorf("overlay network %s has no subnet slice for this node yet", n.Name)
 		}
-		subnet, gateway, mtu = p.String(), p.Addr().Next().String(), OverlayMTU
+		subnet, gateway, mtu = p.String(), Gateway(a), OverlayMTU
 	}
 	plugins := []any{
 		map[string]any{
