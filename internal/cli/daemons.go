@@ -72,6 +72,7 @@ func (f *agentFlags) config() (agent.Config, error) {
 
 func devCmd(g *globals) *cobra.Command {
 	var dataDir, apiAddr string
+	var grace time.Duration
 	var af agentFlags
 	cmd := &cobra.Command{
 		Use:   "dev",
@@ -88,12 +89,13 @@ func devCmd(g *globals) *cobra.Command {
 			}
 			ctx, stop := signalContext()
 			defer stop()
-			return daemon.RunDev(ctx, daemon.ServerConfig{DataDir: dataDir, APIAddr: apiAddr, NodeTTL: acfg.TTL},
+			return daemon.RunDev(ctx, daemon.ServerConfig{DataDir: dataDir, APIAddr: apiAddr, NodeTTL: acfg.TTL, NodeDownGrace: grace},
 				acfg, g.stdout, g.logger())
 		},
 	}
 	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/berth", "where berth keeps its state")
 	cmd.Flags().StringVar(&apiAddr, "api-addr", "127.0.0.1:7480", "where the API listens")
+	cmd.Flags().DurationVar(&grace, "node-down-grace", 5*time.Second, "how long a node may be down before its instances are replaced elsewhere")
 	af.add(cmd)
 	return cmd
 }
@@ -120,6 +122,7 @@ func serverCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&cfg.APIAddr, "api-addr", "127.0.0.1:7480", "where the API listens")
 	cmd.Flags().StringVar(&endpoints, "etcd-endpoints", "", "use an external etcd cluster (comma-separated client URLs) instead of the embedded one")
 	cmd.Flags().DurationVar(&cfg.NodeTTL, "node-ttl", 10*time.Second, "default node lease when an agent asks for none")
+	cmd.Flags().DurationVar(&cfg.NodeDownGrace, "node-down-grace", 5*time.Second, "how long a node may be down before its instances are replaced elsewhere")
 	return cmd
 }
 

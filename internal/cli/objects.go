@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 
@@ -267,6 +268,30 @@ func applyCmd(g *globals) *cobra.Command {
 		}}
 	cmd.Flags().StringVarP(&file, "file", "f", "", "spec file (YAML or JSON; - for stdin)")
 	return cmd
+}
+
+func scaleCmd(g *globals) *cobra.Command {
+	return &cobra.Command{Use: "scale NAME REPLICAS", Short: "Set a service's number of instances", Args: cobra.ExactArgs(2),
+		RunE: func(_ *cobra.Command, args []string) error {
+			n, err := strconv.Atoi(args[1])
+			if err != nil {
+				return fmt.Errorf("replicas: %q is not a number", args[1])
+			}
+			return g.call(func(ctx context.Context, c *client.Client) error {
+				svc, err := c.GetService(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				spec := svc.Spec
+				spec.Replicas = &n
+				res, err := c.ApplyService(ctx, spec)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(g.stdout, "service %s scaled to %d (generation %d)\n", res.Service.Name, n, res.Service.Generation)
+				return nil
+			})
+		}}
 }
 
 func registryCmd(g *globals) *cobra.Command {

@@ -27,6 +27,7 @@ type ServerConfig struct {
 	APIAddr       string
 	EtcdEndpoints []string
 	NodeTTL       time.Duration
+	NodeDownGrace time.Duration
 }
 
 // AgentConfig configures an agent.
@@ -57,7 +58,7 @@ func startServer(ctx context.Context, cfg ServerConfig, log *slog.Logger) (*runn
 	}
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	host, _ := os.Hostname()
-	srv := server.New(st, log, server.Options{DefaultNodeTTL: cfg.NodeTTL, ID: host + "/" + ln.Addr().String()})
+	srv := server.New(st, log, server.Options{DefaultNodeTTL: cfg.NodeTTL, NodeDownGrace: cfg.NodeDownGrace, ID: host + "/" + ln.Addr().String()})
 	r := &running{st: st, srv: srv, addr: ln.Addr().String(), cancel: cancel,
 		http: &http.Server{Handler: srv.Handler(), BaseContext: func(net.Listener) context.Context { return rctx },
 			ReadHeaderTimeout: 10 * time.Second}}

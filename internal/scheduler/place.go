@@ -219,6 +219,10 @@ func (s *Snapshot) placeOne(p *plan, cur *cursor, t *tally) (Result, bool) {
 	return Result{Node: s.nodes[c.id].name, Score: sc}, true
 }
 
+// AntiAffinity is what each replica of the same service already on a node
+// takes off that node's binpack score (utilisation, in [0, 1]).
+const AntiAffinity = 1.0
+
 // binpack ranks the first K feasible members of the class in node order.
 func (s *Snapshot) binpack(p *plan, cur *cursor, t *tally) (cand, float64, bool) {
 	f := finder{s: s, p: p, c: p.c, from: cur.from, cands: s.cands[:0], t: t}
@@ -229,8 +233,14 @@ func (s *Snapshot) binpack(p *plan, cur *cursor, t *tally) (cand, float64, bool)
 	}
 	cur.from = f.cands[0].leaf
 	best, bestScore := f.cands[0], -1.0
+	svc := s.services[p.service]
 	for i, c := range f.cands {
 		sc := s.nodes[c.id].utilAfter(p.cpu, p.mem)
+		if svc != nil {
+			// Job anti-affinity, as Nomad's: replicas of one service go to
+			// different nodes before they share one.
+			sc -= AntiAffinity * float64(svc.count(c.id))
+		}
 		if i == 0 || sc > bestScore {
 			best, bestScore = c, sc
 		}

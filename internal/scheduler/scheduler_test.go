@@ -291,7 +291,8 @@ func TestSuccessExplanation(t *testing.T) {
 	}
 }
 
-// TestBinpackFillsNodes: binpack fills a node before it starts the next.
+// TestBinpackFillsNodes: binpack fills a node before it starts the next
+// (twelve services of one instance each: replicas of one service spread).
 func TestBinpackFillsNodes(t *testing.T) {
 	var nodes []api.Node
 	for i := range 6 {
@@ -299,7 +300,13 @@ func TestBinpackFillsNodes(t *testing.T) {
 	}
 	for seed := range uint64(5) {
 		s := NewSnapshot(nodes, nil, WithSeed(seed))
-		rs, e := s.PlaceN(req("x", 1000, 1024), 12) // 4 per node by cpu
+		var rs []Result
+		var e Explanation
+		for i := range 12 { // 4 per node by cpu
+			var r Result
+			r, e = s.Place(req(fmt.Sprintf("svc%d", i), 1000, 1024))
+			rs = append(rs, r)
+		}
 		perNode := map[string]int{}
 		var order []string
 		for _, r := range rs {
@@ -823,5 +830,23 @@ func TestReserveAndOptions(t *testing.T) {
 	}
 	if NewSnapshot(nodes, nil).RankLimit() != 8 {
 		t.Fatal("default rank limit")
+	}
+}
+
+// TestBinpackSpreadsReplicasOfOneService: binpack's job anti-affinity puts
+// a service's replicas on different nodes before two share one.
+func TestBinpackSpreadsReplicasOfOneService(t *testing.T) {
+	var nodes []api.Node
+	for i := range 3 {
+		nodes = append(nodes, nd(fmt.Sprintf("n%d", i), 4000, 8192))
+	}
+	s := NewSnapshot(nodes, nil, WithSeed(1))
+	rs, _ := s.PlaceN(req("web", 500, 256), 6)
+	per := map[string]int{}
+	for _, r := range rs {
+		per[r.Node]++
+	}
+	if len(per) != 3 || per["n0"] != 2 || per["n1"] != 2 || per["n2"] != 2 {
+		t.Fatalf("6 replicas on 3 nodes: %v", per)
 	}
 }

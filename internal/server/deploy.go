@@ -11,13 +11,15 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/internal/scheduler"
 	"github.com/berth-dev/berth/internal/store"
 )
 
 // runDeployments keeps each service's instances as its spec says: the
 // replica count, the spec's generation, and a node for each. It reacts to
 // every change of services, instances and nodes, and reconciles every few
-// seconds as a safety net. (The scheduler issue replaces the placement.)
+// seconds as a safety net. Placement is the scheduler's, over a snapshot of
+// the cluster built once per pass.
 func (s *Server) runDeployments(ctx context.Context) {
 	cursor := s.cache.Revision()
 	s.reconcileAll(ctx)
@@ -91,13 +93,14 @@ func (s *Server) reconcileAll(ctx context.Context) {
 		}
 	}
 	s.reconcileOverlays(ctx, networks, nodes)
-	load := map[string]int{}
+	var all []api.Instance
 	for _, list := range byService {
-		for _, in := range list {
-			if in.Node != "" && in.DesiredState == api.DesiredRunning {
-				load[in.Node]++
-			}
-		}
+		all = append(all, list...)
+	}
+	placer := scheduler.NewSnapshot(nodes, all)
+	nodeByName := map[string]api.Node{}
+	for _, n := range nodes {
+		nodeByName[n.Name] = n
 	}
 	for name, list := range byService {
 		if _, ok := services[name]; !ok {
@@ -107,7 +110,7 @@ func (s *Server) reconcileAll(ctx context.Context) {
 		}
 	}
 	for _, svc := range services {
-		if err := s.reconcileService(ctx, svc, byService[svc.Name], nodes, load); err != nil && ctx.Err() == nil {
+		if err := s.reconcileService(ctx, svc, byService[svc.Name], nodeByName, placer); err != nil && ctx.Err() == nil {
 			s.log.Warn("deployments: reconcile", "service", svc.Name, "err", err)
 		}
 	}
@@ -119,40 +122,74 @@ func (s *Server) deleteInstance(ctx context.Context, in api.Instance) {
 	}
 }
 
-// onlyResourcesDiffer reports whether two specs differ in resources alone,
-// which running containers take in place.
-func onlyResourcesDiffer(a, b api.ServiceSpec) bool {
+// inPlace reports whether two specs differ only in what running instances
+// take without a restart: replicas, resources (cgroup limits updated in
+// place), and the update and restart policies.
+func inPlace(a, b api.ServiceSpec) bool {
+	a.Replicas, b.Replicas = nil, nil
 	a.Resources, b.Resources = api.ResourceSpec{}, api.ResourceSpec{}
+	a.Update, b.Update = api.UpdatePolicy{}, api.UpdatePolicy{}
+	a.Restart, b.Restart = api.RestartPolicy{}, api.RestartPolicy{}
 	return reflect.DeepEqual(a, b)
 }
 
-func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []api.Instance, nodes []api.Node, load map[string]int) error {
+// nodeLost reports whether an instance's node has been down longer than
+// the grace: its instances are replaced elsewhere.
+func (s *Server) nodeLost(n api.Node, ok bool) bool {
+	if !ok {
+		return true // the node was removed
+	}
+	return n.Status.State == api.NodeDown && time.Since(n.UpdatedAt) > s.opts.NodeDownGrace
+}
+
+func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []api.Instance, nodes map[string]api.Node, snap *scheduler.Snapshot) error {
 	want := 1
 	if svc.Spec.Replicas != nil {
 		want = *svc.Spec.Replicas
+	}
+	req, err := scheduler.RequestFor(svc.Spec)
+	if err != nil {
+		return err
+	}
+	release := func(in api.Instance) {
+		if in.Node != "" {
+			r := req
+			r.Resources = api.Resources{CPU: in.Resources.CPU, Memory: in.Resources.Memory}
+			snap.Release(in.Node, r)
+		}
 	}
 	var live []api.Instance
 	for _, in := range list {
 		if in.DesiredState != api.DesiredRunning {
 			continue // stopped on request: kept for inspection, not counted
 		}
+		if in.Node != "" {
+			if n, ok := nodes[in.Node]; s.nodeLost(n, ok) {
+				// Replaced elsewhere; when the node comes back its agent
+				// no longer sees the instance and removes its container.
+				s.log.Warn("deployments: node lost; replacing its instance", "instance", in.ID, "node", in.Node)
+				s.deleteInstance(ctx, in)
+				release(in)
+				continue
+			}
+		}
 		if in.Generation != svc.Generation {
-			// An older generation: take resources in place, replace otherwise.
+			// An older generation: take in place what can be, replace otherwise.
 			old, ok := svc.SpecOf(in.Generation)
-			if ok && onlyResourcesDiffer(old, svc.Spec) {
+			if ok && inPlace(old, svc.Spec) {
 				in.Generation = svc.Generation
 				in.Resources = svc.Spec.Resources
 				in.UpdatedAt = time.Now().UTC()
-				if _, err := s.st.Put(ctx, keyInstances+in.ID, in, in.Revision); err != nil && !errors.Is(err, store.ErrConflict) {
+				rev := in.Revision
+				in.Revision = 0
+				if _, err := s.st.Put(ctx, keyInstances+in.ID, in, rev); err != nil && !errors.Is(err, store.ErrConflict) {
 					return err
 				}
 				live = append(live, in)
 				continue
 			}
 			s.deleteInstance(ctx, in)
-			if in.Node != "" {
-				load[in.Node]--
-			}
+			release(in)
 			continue
 		}
 		live = append(live, in)
@@ -163,20 +200,27 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 		in := live[len(live)-1]
 		live = live[:len(live)-1]
 		s.deleteInstance(ctx, in)
-		if in.Node != "" {
-			load[in.Node]--
-		}
+		release(in)
 	}
 	// Place pending instances, then create the missing ones.
 	for _, in := range live {
-		if in.Node == "" {
-			if node := pickNode(nodes, load); node != "" {
-				in.Node = node
-				in.Status = api.InstanceStatus{State: api.InstancePending}
-				if _, err := s.st.Put(ctx, keyInstances+in.ID, in, in.Revision); err == nil {
-					load[node]++
-				}
+		if in.Node != "" {
+			continue
+		}
+		res, why := snap.Place(req)
+		rev := in.Revision
+		in.Revision = 0
+		if res.Node == "" {
+			if in.Status.Message != why.String() {
+				in.Status.Reason, in.Status.Message = api.ReasonUnschedulable, why.String()
+				_, _ = s.st.Put(ctx, keyInstances+in.ID, in, rev)
 			}
+			continue
+		}
+		in.Node = res.Node
+		in.Status = api.InstanceStatus{State: api.InstancePending}
+		if _, err := s.st.Put(ctx, keyInstances+in.ID, in, rev); err != nil {
+			snap.Release(res.Node, req)
 		}
 	}
 	s.updateServiceStatus(ctx, svc, live)
@@ -186,14 +230,16 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 			DesiredState: api.DesiredRunning, Resources: svc.Spec.Resources, StopGrace: api.Duration(api.DefaultStopGrace),
 			Status: api.InstanceStatus{State: api.InstancePending}}
 		in.CreatedAt, in.UpdatedAt = now, now
-		if node := pickNode(nodes, load); node != "" {
-			in.Node = node
-			load[node]++
+		res, why := snap.Place(req)
+		if res.Node != "" {
+			in.Node = res.Node
 		} else {
-			in.Status.Reason = api.ReasonUnschedulable
-			in.Status.Message = "no ready node"
+			in.Status.Reason, in.Status.Message = api.ReasonUnschedulable, why.String()
 		}
 		if _, err := s.st.Put(ctx, keyInstances+in.ID, in, 0); err != nil {
+			if res.Node != "" {
+				snap.Release(res.Node, req)
+			}
 			return err
 		}
 	}
@@ -221,20 +267,6 @@ func (s *Server) updateServiceStatus(ctx context.Context, svc api.Service, live 
 	if _, err := s.st.Put(ctx, keyServices+svc.Name, svc, rev); err != nil && !errors.Is(err, store.ErrConflict) {
 		s.log.Warn("deployments: service status", "service", svc.Name, "err", err)
 	}
-}
-
-// pickNode chooses the ready node with the fewest running instances.
-func pickNode(nodes []api.Node, load map[string]int) string {
-	best, bestLoad := "", 0
-	for _, n := range nodes {
-		if n.Status.State != api.NodeReady {
-			continue
-		}
-		if l := load[n.Name]; best == "" || l < bestLoad || (l == bestLoad && n.Name < best) {
-			best, bestLoad = n.Name, l
-		}
-	}
-	return best
 }
 
 func randomSuffix() string {

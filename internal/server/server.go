@@ -36,6 +36,9 @@ const (
 type Options struct {
 	// DefaultNodeTTL is a node's lease when its agent does not ask for one.
 	DefaultNodeTTL time.Duration
+	// NodeDownGrace is how long a node may be down before its instances
+	// are replaced on other nodes.
+	NodeDownGrace time.Duration
 	// NoDeployments leaves services' instances alone (tests of the API
 	// that need a quiet store).
 	NoDeployments bool
@@ -61,6 +64,9 @@ type Server struct {
 func New(st *store.Store, log *slog.Logger, opts Options) *Server {
 	if opts.DefaultNodeTTL == 0 {
 		opts.DefaultNodeTTL = 10 * time.Second
+	}
+	if opts.NodeDownGrace == 0 {
+		opts.NodeDownGrace = 5 * time.Second
 	}
 	if opts.ID == "" {
 		h, _ := os.Hostname()
