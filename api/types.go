@@ -200,6 +200,10 @@ type UpdatePolicy struct {
 	MaxSurge       *int     `json:"maxSurge,omitempty"`
 	HealthDeadline Duration `json:"healthDeadline,omitempty"`
 	AutoRollback   bool     `json:"autoRollback,omitempty"`
+	// MinHealthyTime is how long a new instance must stay healthy before
+	// it counts as updated (an instance that starts and then crashes must
+	// not let the rollout remove an old one).
+	MinHealthyTime Duration `json:"minHealthyTime,omitempty"`
 }
 
 // Restart policies.
@@ -275,11 +279,25 @@ func (s *Service) SpecOf(gen int64) (ServiceSpec, bool) {
 
 // ServiceStatus summarises a service's instances and rollout.
 type ServiceStatus struct {
-	Running int    `json:"running"`
-	Healthy int    `json:"healthy"`
+	Running int `json:"running"`
+	Healthy int `json:"healthy"`
+	// Updated counts healthy instances of the current generation.
+	Updated int `json:"updated"`
+	// Rollout is progressing, complete or rolled-back.
 	Rollout string `json:"rollout,omitempty"`
 	Message string `json:"message,omitempty"`
+	// StableGeneration is the last generation whose rollout completed: the
+	// one an automatic rollback returns to.
+	StableGeneration int64 `json:"stableGeneration,omitempty"`
 }
+
+// Rollout states.
+const (
+	RolloutProgressing = "progressing"
+	RolloutComplete    = "complete"
+	RolloutRolledBack  = "rolled-back"
+	RolloutFailed      = "failed"
+)
 
 // ApplyResult answers an apply: the stored service and what changed.
 type ApplyResult struct {

@@ -183,6 +183,7 @@ const (
 	DefaultCheckInterval  = 10 * time.Second
 	DefaultCheckTimeout   = 2 * time.Second
 	DefaultHealthDeadline = 30 * time.Second
+	DefaultMinHealthyTime = 2 * time.Second
 	DefaultRestartDelay   = time.Second
 	DefaultRestartMax     = time.Minute
 )
@@ -224,6 +225,9 @@ func (s *ServiceSpec) Normalize() {
 	}
 	if s.Update.HealthDeadline == 0 {
 		s.Update.HealthDeadline = Duration(DefaultHealthDeadline)
+	}
+	if s.Update.MinHealthyTime == 0 && s.Update.HealthDeadline > 0 {
+		s.Update.MinHealthyTime = Duration(min(DefaultMinHealthyTime, s.Update.HealthDeadline.D()/2))
 	}
 	if s.Restart.Policy == "" {
 		s.Restart.Policy = RestartAlways
@@ -336,6 +340,9 @@ func (s *ServiceSpec) Validate() error {
 	}
 	if u.HealthDeadline < 0 {
 		e.add("spec.update.healthDeadline", "must be > 0")
+	}
+	if u.MinHealthyTime < 0 || (u.HealthDeadline > 0 && u.MinHealthyTime >= u.HealthDeadline) {
+		e.add("spec.update.minHealthyTime", "must be >= 0 and shorter than spec.update.healthDeadline")
 	}
 	switch s.Restart.Policy {
 	case "", RestartAlways, RestartOnFailure, RestartNever:

@@ -467,7 +467,7 @@ func TestServiceNormalize(t *testing.T) {
 			Interval: Duration(DefaultCheckInterval),
 			Timeout:  Duration(DefaultCheckTimeout),
 		},
-		Update:    UpdatePolicy{MaxParallel: 1, MaxSurge: ptr(1), HealthDeadline: Duration(DefaultHealthDeadline)},
+		Update:    UpdatePolicy{MaxParallel: 1, MaxSurge: ptr(1), HealthDeadline: Duration(DefaultHealthDeadline), MinHealthyTime: Duration(DefaultMinHealthyTime)},
 		Restart:   RestartPolicy{Policy: RestartAlways, Delay: Duration(DefaultRestartDelay), MaxDelay: Duration(DefaultRestartMax)},
 		Placement: Placement{Strategy: StrategyBinpack},
 	}
@@ -494,6 +494,7 @@ func TestServiceNormalize(t *testing.T) {
 	want.Replicas = ptr(0)
 	want.Update.MaxSurge = ptr(0)
 	want.Networks = []string{DefaultNetwork}
+	want.Update.MinHealthyTime = Duration(DefaultMinHealthyTime)
 	s.Normalize()
 	if !reflect.DeepEqual(s, want) {
 		t.Errorf("Normalize =\n%+v\nwant\n%+v", s, want)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/e2e/testhost"
 )
 
@@ -105,5 +106,101 @@ func TestSchedulingScaleAndNodeLoss(t *testing.T) {
 	})
 	if n := len(b.instances("web")); n != 3 {
 		t.Fatalf("%d instances after node2 came back", n)
+	}
+}
+
+// TestRollingUpdateAndRollback: an update replaces instances one at a time
+// without ever dropping below the replica count; an update whose new
+// instances fail rolls back by itself to the last stable spec.
+func TestRollingUpdateAndRollback(t *testing.T) {
+	testhost.SkipIfUnsupported(t)
+	h := testhost.New(t)
+	b := startDevRuntime(t, h, t.TempDir())
+	importTestImage(t, b)
+	apply := func(version, cmd string) {
+		t.Helper()
+		f := filepath.Join(t.TempDir(), "web.json")
+		os.WriteFile(f, []byte(fmt.Sprintf(`{"name":"web","image":%q,"replicas":3,"env":{"VERSION":%q},
+			"command":["sh","-c",%q],
+			"update":{"maxParallel":1,"maxSurge":1,"healthDeadline":"10s","autoRollback":true}}`, testImage, version, cmd)), 0o644)
+		b.mustCLI("apply", "-f", f)
+	}
+	good := "trap 'exit 0' TERM; sleep 100000 & wait"
+	apply("v1", good)
+	b.mustCLI("rollout", "status", "web", "--timeout", "60s")
+
+	// Watch the number of running instances through the updates.
+	minRunning := 3
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	defer func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		<-done
+	}()
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			l, err := b.client().ListInstances(ctxT(t), client.InstanceFilter{Service: "web"})
+			if err != nil {
+				continue
+			}
+			n := 0
+			for _, in := range l.Items {
+				if in.Status.State == api.InstanceRunning {
+					n++
+				}
+			}
+			minRunning = min(minRunning, n)
+		}
+	}()
+
+	apply("v2", good)
+	out := b.mustCLI("rollout", "status", "web", "--timeout", "60s")
+	if !strings.Contains(out, "updated to generation 2") || !strings.Contains(out, "complete") {
+		t.Fatalf("rollout status should show progress:\n%s", out)
+	}
+	for _, in := range b.instances("web") {
+		if in.Generation != 2 {
+			t.Fatalf("after the rollout: %+v", in)
+		}
+		if env := b.mustCLI("exec", in.ID, "--", "sh", "-c", "echo $VERSION"); strings.TrimSpace(env) != "v2" {
+			t.Fatalf("%s runs %q", in.ID, env)
+		}
+	}
+
+	// v3 crashes at once: the rollout fails and rolls back to v2's spec.
+	apply("v3", "echo broken; exit 1")
+	if _, _, err := b.cli("rollout", "status", "web", "--timeout", "60s"); err == nil {
+		t.Fatal("rollout status should fail for a broken update")
+	}
+	eventually(t, 60*time.Second, "rolled back and complete", func() (bool, string) {
+		svc, err := b.client().GetService(ctxT(t), "web")
+		ins := b.instances("web")
+		ok := err == nil && svc.Generation == 4 && svc.Spec.Env["VERSION"] == "v2" && len(ins) == 3
+		for _, in := range ins {
+			ok = ok && in.Status.State == api.InstanceRunning
+		}
+		return ok, fmt.Sprintf("%+v %v", svc.Status, err)
+	})
+	close(stop)
+	<-done
+	if minRunning < 3 {
+		t.Fatalf("running instances dropped to %d during the updates", minRunning)
+	}
+	svc, _ := b.client().GetService(ctxT(t), "web")
+	if !strings.Contains(svc.Status.Message, "rolled back to the spec of generation 2") {
+		t.Fatalf("status: %+v", svc.Status)
+	}
+	if hist := b.mustCLI("rollout", "history", "web"); strings.Count(hist, "\n") != 5 {
+		t.Fatalf("rollout history:\n%s", hist)
 	}
 }

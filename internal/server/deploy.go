@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"reflect"
 	"sort"
 	"strings"
@@ -23,7 +24,7 @@ import (
 func (s *Server) runDeployments(ctx context.Context) {
 	cursor := s.cache.Revision()
 	s.reconcileAll(ctx)
-	tick := time.NewTicker(3 * time.Second)
+	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for ctx.Err() == nil {
 		evs, cur, wait, err := s.cache.Since(cursor, store.Prefix)
@@ -158,7 +159,7 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 			snap.Release(in.Node, r)
 		}
 	}
-	var live []api.Instance
+	var live, old []api.Instance
 	for _, in := range list {
 		if in.DesiredState != api.DesiredRunning {
 			continue // stopped on request: kept for inspection, not counted
@@ -175,8 +176,8 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 		}
 		if in.Generation != svc.Generation {
 			// An older generation: take in place what can be, replace otherwise.
-			old, ok := svc.SpecOf(in.Generation)
-			if ok && inPlace(old, svc.Spec) {
+			prev, ok := svc.SpecOf(in.Generation)
+			if ok && inPlace(prev, svc.Spec) {
 				in.Generation = svc.Generation
 				in.Resources = svc.Spec.Resources
 				in.UpdatedAt = time.Now().UTC()
@@ -188,11 +189,16 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 				live = append(live, in)
 				continue
 			}
-			s.deleteInstance(ctx, in)
-			release(in)
+			old = append(old, in) // replaced step by step by the rollout
 			continue
 		}
 		live = append(live, in)
+	}
+	if len(old) > 0 || (svc.Status.Rollout == api.RolloutProgressing && len(live) <= want) {
+		done, err := s.rollout(ctx, svc, old, live, want, req, snap, release)
+		if err != nil || !done {
+			return err
+		}
 	}
 	// Scale down: the newest go first.
 	sort.Slice(live, func(i, j int) bool { return live[i].CreatedAt.Before(live[j].CreatedAt) })
@@ -223,45 +229,176 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 			snap.Release(res.Node, req)
 		}
 	}
-	s.updateServiceStatus(ctx, svc, live)
-	for i := len(live); i < want; i++ {
-		now := time.Now().UTC()
-		in := api.Instance{ID: svc.Name + "-" + randomSuffix(), Service: svc.Name, Generation: svc.Generation,
-			DesiredState: api.DesiredRunning, Resources: svc.Spec.Resources, StopGrace: api.Duration(api.DefaultStopGrace),
-			Status: api.InstanceStatus{State: api.InstancePending}}
-		in.CreatedAt, in.UpdatedAt = now, now
-		res, why := snap.Place(req)
-		if res.Node != "" {
-			in.Node = res.Node
-		} else {
-			in.Status.Reason, in.Status.Message = api.ReasonUnschedulable, why.String()
-		}
-		if _, err := s.st.Put(ctx, keyInstances+in.ID, in, 0); err != nil {
-			if res.Node != "" {
-				snap.Release(res.Node, req)
+	s.updateServiceStatus(ctx, svc, live, func(st *api.ServiceStatus) {
+		ready := 0
+		for _, in := range live {
+			if healthy(in) {
+				ready++
 			}
+		}
+		st.Updated = ready
+		if ready >= want && len(live) == want {
+			// Every instance is of this generation and healthy. A rollback
+			// stays reported as such until the next apply.
+			st.StableGeneration = svc.Generation
+			if st.Rollout != api.RolloutRolledBack {
+				st.Rollout, st.Message = api.RolloutComplete, ""
+			}
+		}
+	})
+	for i := len(live); i < want; i++ {
+		if err := s.createInstance(ctx, svc, req, snap); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// createInstance places and stores one new instance of the service's
+// current generation (pending with an explanation when nothing fits).
+func (s *Server) createInstance(ctx context.Context, svc api.Service, req scheduler.Request, snap *scheduler.Snapshot) error {
+	now := time.Now().UTC()
+	in := api.Instance{ID: svc.Name + "-" + randomSuffix(), Service: svc.Name, Generation: svc.Generation,
+		DesiredState: api.DesiredRunning, Resources: svc.Spec.Resources, StopGrace: api.Duration(api.DefaultStopGrace),
+		Status: api.InstanceStatus{State: api.InstancePending}}
+	in.CreatedAt, in.UpdatedAt = now, now
+	res, why := snap.Place(req)
+	if res.Node != "" {
+		in.Node = res.Node
+	} else {
+		in.Status.Reason, in.Status.Message = api.ReasonUnschedulable, why.String()
+	}
+	if _, err := s.st.Put(ctx, keyInstances+in.ID, in, 0); err != nil {
+		if res.Node != "" {
+			snap.Release(res.Node, req)
+		}
+		return err
+	}
+	return nil
+}
+
+// healthy: running and not failing its check.
+func healthy(in api.Instance) bool {
+	return in.Status.State == api.InstanceRunning && in.Status.Health != api.HealthCritical
+}
+
+// rollout replaces old-generation instances by new ones in steps: at most
+// maxParallel new instances starting at a time, at most replicas+maxSurge
+// instances in all, an old one removed for each new one that is healthy.
+// A new instance that fails, or is not healthy within the health deadline,
+// fails the rollout; with autoRollback the last stable spec is applied
+// again. It returns done when no rollout work is left.
+func (s *Server) rollout(ctx context.Context, svc api.Service, old, cur []api.Instance, want int,
+	req scheduler.Request, snap *scheduler.Snapshot, release func(api.Instance)) (bool, error) {
+	u := svc.Spec.Update
+	surge := 1
+	if u.MaxSurge != nil {
+		surge = *u.MaxSurge
+	}
+	parallel := max(1, u.MaxParallel)
+	var ready, starting []api.Instance
+	for _, in := range cur {
+		switch {
+		case healthy(in) && time.Since(in.Status.StartedAt) >= u.MinHealthyTime.D():
+			ready = append(ready, in)
+		case in.Status.State == api.InstanceFailed || in.Status.State == api.InstanceExited ||
+			time.Since(in.CreatedAt) > u.HealthDeadline.D():
+			why := fmt.Sprintf("instance %s of generation %d is not healthy (%s %s)", in.ID, svc.Generation, in.Status.State, in.Status.Message)
+			return false, s.failRollout(ctx, svc, why)
+		default:
+			starting = append(starting, in)
+		}
+	}
+	if len(old) == 0 && len(ready) >= want {
+		s.updateServiceStatus(ctx, svc, cur, func(st *api.ServiceStatus) {
+			st.StableGeneration = svc.Generation
+			if st.Rollout != api.RolloutRolledBack {
+				st.Rollout, st.Message = api.RolloutComplete, ""
+			}
+		})
+		return true, nil
+	}
+	// Remove old instances that healthy new ones replace.
+	sort.Slice(old, func(i, j int) bool { return old[i].CreatedAt.Before(old[j].CreatedAt) })
+	excess := len(old) + len(ready) - want
+	if surge == 0 && len(starting) == 0 && len(ready) < want {
+		excess = max(excess, min(parallel, len(old))) // no room to surge: make room
+	}
+	for i := 0; i < excess && len(old) > 0; i++ {
+		s.deleteInstance(ctx, old[0])
+		release(old[0])
+		old = old[1:]
+	}
+	// Start new ones within the surge and parallelism bounds.
+	total := len(old) + len(cur)
+	for n := len(starting); n < parallel && len(cur) < want && total < want+surge; n++ {
+		if err := s.createInstance(ctx, svc, req, snap); err != nil {
+			return false, err
+		}
+		total++
+		cur = append(cur, api.Instance{})
+	}
+	s.updateServiceStatus(ctx, svc, append(append([]api.Instance{}, old...), ready...), func(st *api.ServiceStatus) {
+		st.Updated = len(ready)
+		if st.Rollout != api.RolloutRolledBack { // a rollback clearing up stays reported as one
+			st.Rollout = api.RolloutProgressing
+			st.Message = fmt.Sprintf("%d of %d updated to generation %d, %d old left", len(ready), want, svc.Generation, len(old))
+		}
+	})
+	return false, nil
+}
+
+// failRollout rolls back to the stable generation, or stops the rollout.
+func (s *Server) failRollout(ctx context.Context, svc api.Service, why string) error {
+	prev, ok := svc.SpecOf(svc.Status.StableGeneration)
+	if !svc.Spec.Update.AutoRollback || !ok || svc.Status.StableGeneration == svc.Generation {
+		if svc.Status.Rollout != api.RolloutFailed {
+			s.log.Warn("deployments: rollout failed", "service", svc.Name, "why", why)
+			s.updateServiceStatus(ctx, svc, nil, func(st *api.ServiceStatus) { st.Rollout, st.Message = api.RolloutFailed, why })
+		}
+		return nil
+	}
+	s.log.Warn("deployments: rollout failed; rolling back", "service", svc.Name, "to", svc.Status.StableGeneration, "why", why)
+	rev := svc.Revision
+	svc.History = append(svc.History, api.SpecRevision{Generation: svc.Generation, Spec: svc.Spec, AppliedAt: svc.UpdatedAt})
+	if len(svc.History) > api.MaxHistory {
+		svc.History = svc.History[len(svc.History)-api.MaxHistory:]
+	}
+	stable := svc.Status.StableGeneration
+	svc.Spec = prev
+	svc.Generation++
+	svc.UpdatedAt = time.Now().UTC()
+	svc.Status.Rollout = api.RolloutRolledBack
+	svc.Status.Message = fmt.Sprintf("rolled back to the spec of generation %d: %s", stable, why)
+	svc.Revision = 0
+	if _, err := s.st.Put(ctx, keyServices+svc.Name, svc, rev); err != nil && !errors.Is(err, store.ErrConflict) {
+		return err
+	}
+	return nil
+}
+
 // updateServiceStatus records how many instances run and are healthy,
 // writing only when the counts change.
-func (s *Server) updateServiceStatus(ctx context.Context, svc api.Service, live []api.Instance) {
-	running, healthy := 0, 0
-	for _, in := range live {
-		if in.Status.State == api.InstanceRunning {
-			running++
-			if in.Status.Health != api.HealthCritical {
-				healthy++
+func (s *Server) updateServiceStatus(ctx context.Context, svc api.Service, live []api.Instance, mutate func(*api.ServiceStatus)) {
+	st := svc.Status
+	if live != nil {
+		st.Running, st.Healthy = 0, 0
+		for _, in := range live {
+			if in.Status.State == api.InstanceRunning {
+				st.Running++
+				if in.Status.Health != api.HealthCritical {
+					st.Healthy++
+				}
 			}
 		}
 	}
-	if svc.Status.Running == running && svc.Status.Healthy == healthy {
+	if mutate != nil {
+		mutate(&st)
+	}
+	if st == svc.Status {
 		return
 	}
-	svc.Status.Running, svc.Status.Healthy = running, healthy
+	svc.Status = st
 	rev := svc.Revision
 	svc.Revision = 0
 	if _, err := s.st.Put(ctx, keyServices+svc.Name, svc, rev); err != nil && !errors.Is(err, store.ErrConflict) {

@@ -73,8 +73,26 @@ func TestDeploymentsKeepReplicas(t *testing.T) {
 	if same[0].ID != one[0].ID || same[0].Resources.Memory != 64<<20 {
 		t.Fatalf("resource change replaced the instance: %+v -> %+v", one[0], same[0])
 	}
-	// Any other change replaces it.
+	// Any other change replaces it, by a rollout gated on the new instance
+	// being healthy: this test plays the agent and reports it running.
 	svc = apply(`{"name":"web","image":"busybox:2","replicas":1,"resources":{"memory":"64Mi"}}`)
+	stopAgent := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stopAgent:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			l, _ := c.ListInstances(ctx, client.InstanceFilter{Service: "web"})
+			for _, in := range l.Items {
+				if in.Status.State == api.InstancePending && in.Node != "" {
+					_, _ = c.PutInstanceStatus(ctx, in.ID, api.InstanceStatus{State: api.InstanceRunning})
+				}
+			}
+		}
+	}()
+	defer close(stopAgent)
 	repl := waitN(1, svc.Generation)
 	if repl[0].ID == one[0].ID {
 		t.Fatal("an image change should replace the instance")

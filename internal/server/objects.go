@@ -258,6 +258,7 @@ func (s *Server) applyService(w http.ResponseWriter, r *http.Request) error {
 			svc.Spec = spec
 			svc.Generation = old.Generation + 1
 			svc.UpdatedAt = now
+			svc.Status.Rollout, svc.Status.Message = api.RolloutProgressing, ""
 		}
 		newRev, err := s.st.Put(ctx, keyServices+spec.Name, svc, rev)
 		if errors.Is(err, store.ErrConflict) || errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrNotFound) {
@@ -305,18 +306,23 @@ func wireFields(s api.ServiceSpec) map[string]json.RawMessage {
 
 func (s *Server) deleteService(w http.ResponseWriter, r *http.Request) error {
 	name := r.PathValue("name")
-	rev, err := s.st.Get(r.Context(), keyServices+name, nil)
-	if errors.Is(err, store.ErrNotFound) {
-		return notFound("service", name)
+	for {
+		rev, err := s.st.Get(r.Context(), keyServices+name, nil)
+		if errors.Is(err, store.ErrNotFound) {
+			return notFound("service", name)
+		}
+		if err != nil {
+			return err
+		}
+		// The controller writes the service's status concurrently: retry.
+		if _, err := s.st.Delete(r.Context(), keyServices+name, rev); errors.Is(err, store.ErrConflict) {
+			continue
+		} else if err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
 	}
-	if err != nil {
-		return err
-	}
-	if _, err := s.st.Delete(r.Context(), keyServices+name, rev); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
 }
 
 // --- instances ---
