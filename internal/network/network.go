@@ -49,7 +49,10 @@ type Manager struct {
 	log      *slog.Logger
 	fw       *firewall
 
-	mu sync.Mutex // serialises CNI calls: host-local and iptables lock anyway
+	// mu: setups and teardowns of different instances run in parallel
+	// (host-local locks its own state; the firewall has its own lock);
+	// a sweep or a network's removal runs alone.
+	mu sync.RWMutex
 }
 
 // New prepares a manager whose state lives under dataDir and whose
@@ -167,8 +170,8 @@ func runtimeConf(id, netns string, i int, a Attachment) *libcni.RuntimeConf {
 // namespace that already exists keeps its VNICs: an instance keeps its MAC
 // and IP across restarts.
 func (m *Manager) Setup(ctx context.Context, id string, atts []Attachment) (string, []api.VNIC, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	path := m.NetnsPath(id)
 	if _, err := os.Stat(path); err != nil {
 		if err := newNetns(path); err != nil {
@@ -238,8 +241,8 @@ func cleanCNIErr(err error) error {
 // Teardown removes the instance's VNICs, frees their addresses and deletes
 // its namespace. It is safe to call again.
 func (m *Manager) Teardown(ctx context.Context, id string, atts []Attachment) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	path := m.NetnsPath(id)
 	netns := path
 	if _, err := os.Stat(path); err != nil {

@@ -50,8 +50,8 @@ type Peer struct {
 // (its MAC → its underlay address) and a route to its slice; entries of
 // nodes that left are removed.
 func (m *Manager) Overlay(n api.Network, me string, local net.IP, mine netip.Prefix, peers []Peer) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	name := VXLANName(n.Name)
 	link, err := netlink.LinkByName(name)
 	if err != nil {
