@@ -10,18 +10,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// newNetns creates a network namespace kept alive by a bind mount at path.
-// The work happens on a locked thread that is switched back to its own
-// namespace before it is released.
-func newNetns(path string) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
-	if err != nil {
-		return fmt.Errorf("netns file %s: %w", path, err)
-	}
-	f.Close()
+// onThread runs fn on a locked OS thread and afterwards puts that thread
+// back into the network namespace it started in before releasing it. Only
+// if that fails is the thread left locked, and so discarded with the
+// goroutine.
+func onThread(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -32,18 +25,32 @@ func newNetns(path string) error {
 			return
 		}
 		defer orig.Close()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("unshare: %w", err)
-			return
-		}
-		err = unix.Mount(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), path, "", unix.MS_BIND, "")
+		err = fn()
 		if serr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); serr == nil {
 			runtime.UnlockOSThread()
-		} // else: the thread stays locked and dies with this goroutine
+		}
 		errc <- err
 	}()
-	if err := <-errc; err != nil {
+	return <-errc
+}
+
+// newNetns creates a network namespace kept alive by a bind mount at path.
+func newNetns(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
+	if err != nil {
+		return fmt.Errorf("netns file %s: %w", path, err)
+	}
+	f.Close()
+	err = onThread(func() error {
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("unshare: %w", err)
+		}
+		return unix.Mount(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), path, "", unix.MS_BIND, "")
+	})
+	if err != nil {
 		_ = os.Remove(path)
 		return fmt.Errorf("create netns %s: %w", path, err)
 	}
@@ -63,33 +70,15 @@ func removeNetns(path string) error {
 
 // inNetns runs fn on a thread inside the namespace at path.
 func inNetns(path string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open(path)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer target.Close()
+	target, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer target.Close()
+	return onThread(func() error {
 		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
+			return err
 		}
-		err = fn()
-		if serr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); serr == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
+		return fn()
+	})
 }
