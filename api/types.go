@@ -482,3 +482,21 @@ const (
 
 // SetRevision records the store revision on an object.
 func (m *Meta) SetRevision(rev int64) { m.Revision = rev }
+
+// Endpoint is one instance of a service as discovery serves it: an
+// orchestrated instance's address on one network, or an external
+// registration.
+type Endpoint struct {
+	Service string `json:"service"`
+	// ID is the instance's or registration's id.
+	ID      string `json:"id"`
+	Address string `json:"address"`
+	// Port is the first declared port; Ports names them all.
+	Port     int               `json:"port,omitempty"`
+	Ports    map[string]int    `json:"ports,omitempty"`
+	Network  string            `json:"network,omitempty"`
+	Node     string            `json:"node,omitempty"`
+	Health   string            `json:"health"`
+	Meta     map[string]string `json:"meta,omitempty"`
+	External bool              `json:"external,omitempty"`
+}
