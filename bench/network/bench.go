@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/berth-dev/berth/bench/internal/hostclean"
 	"github.com/berth-dev/berth/client"
 )
 
@@ -212,7 +213,7 @@ func (e *env) cleanup() error {
 	if n := killInNamespaces(paths); n > 0 {
 		fmt.Fprintf(os.Stderr, "bench: cleanup: killed %d processes left in the namespaces\n", n)
 	}
-	if err := unmountUnder(e.l.setupRun); err != nil {
+	if err := hostclean.UnmountUnder(e.l.setupRun); err != nil {
 		errs = append(errs, err)
 	}
 	for i := len(e.made) - 1; i >= 0; i-- {

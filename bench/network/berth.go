@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/bench/internal/hostclean"
 	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/internal/runtime"
 	"github.com/berth-dev/berth/internal/testimage"
@@ -202,7 +203,7 @@ func (e *env) running(ctx context.Context, svc, netName string, n int, timeout t
 					return nil, perr
 				}
 				ep.netns = filepath.Join(filepath.Dir(p.Socket), "netns", in.ID)
-				if ep.ip != "" && exists(ep.netns) {
+				if ep.ip != "" && hostclean.Exists(ep.netns) {
 					eps = append(eps, ep)
 				}
 			}
@@ -328,11 +329,11 @@ func (e *env) stopBerth() error {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	for _, d := range []string{e.l.dataA, e.l.dataB} {
 		p, err := runtime.PathsFor(d)
-		if err != nil || !exists(filepath.Dir(p.Socket)) {
+		if err != nil || !hostclean.Exists(filepath.Dir(p.Socket)) {
 			continue
 		}
 		// Namespaces of instances berth did not get to tear down.
-		if err := unmountUnder(filepath.Join(filepath.Dir(p.Socket), "netns")); err != nil {
+		if err := hostclean.UnmountUnder(filepath.Join(filepath.Dir(p.Socket), "netns")); err != nil {
 			errs = append(errs, err)
 		}
 		if err := runtime.Shutdown(ctx, p, log); err != nil {

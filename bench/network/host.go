@@ -11,11 +11,11 @@ import (
 	"os/signal"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/berth-dev/berth/bench/internal/hostclean"
 	"github.com/berth-dev/berth/internal/runtime"
 )
 
@@ -224,11 +224,11 @@ func instanceNamespaces(dirs []string) []string {
 func killInNamespaces(paths []string) int {
 	n := 0
 	for _, p := range paths {
-		id, ok := inode(p)
+		id, ok := hostclean.Inode(p)
 		if !ok {
 			continue
 		}
-		for _, pid := range netnsProcs(id) {
+		for _, pid := range hostclean.NetnsProcs(id) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 			n++
 		}
@@ -251,7 +251,7 @@ func sweep(l layout, rootLinks map[string]bool) []string {
 	// them and their shims, unmount.
 	for _, d := range []string{l.dataA, l.dataB} {
 		p, err := runtime.PathsFor(d)
-		if err != nil || !exists(filepath.Dir(p.Socket)) {
+		if err != nil || !hostclean.Exists(filepath.Dir(p.Socket)) {
 			continue
 		}
 		if err := runtime.Shutdown(ctx, p, log); err != nil {
@@ -266,28 +266,28 @@ func sweep(l layout, rootLinks map[string]bool) []string {
 	}
 	paths = append(paths, instanceNamespaces(nsDirs)...)
 	killInNamespaces(paths)
-	for _, pid := range cgroupProcs(l.svcPrefix) {
+	for _, pid := range hostclean.CgroupProcs(l.svcPrefix) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
-	waitGone(func() bool {
+	hostclean.WaitGone(func() bool {
 		for _, p := range paths {
-			if id, ok := inode(p); ok && len(netnsProcs(id)) > 0 {
+			if id, ok := hostclean.Inode(p); ok && len(hostclean.NetnsProcs(id)) > 0 {
 				return false
 			}
 		}
-		return len(cgroupProcs(l.svcPrefix)) == 0
+		return len(hostclean.CgroupProcs(l.svcPrefix)) == 0
 	}, 10*time.Second)
 	for _, d := range append([]string{l.work}, runDirs...) {
-		if err := unmountUnder(d); err != nil {
+		if err := hostclean.UnmountUnder(d); err != nil {
 			fmt.Fprintf(os.Stderr, "bench: sweep: %v\n", err)
 		}
 	}
-	removeCgroups(l.svcPrefix)
+	hostclean.RemoveCgroups(l.svcPrefix)
 
 	var problems []string
 	for _, n := range runNamespaces(l.prefix) {
-		if id, ok := inode("/run/netns/" + n); ok {
-			if pids := netnsProcs(id); len(pids) > 0 {
+		if id, ok := hostclean.Inode("/run/netns/" + n); ok {
+			if pids := hostclean.NetnsProcs(id); len(pids) > 0 {
 				problems = append(problems, fmt.Sprintf("processes still in namespace %s: %v", n, pids))
 			}
 		}
@@ -314,17 +314,17 @@ func sweep(l layout, rootLinks map[string]bool) []string {
 		sort.Strings(added)
 		problems = append(problems, fmt.Sprintf("links in the root namespace that were not there before: %v", added))
 	}
-	if pids := cgroupProcs(l.svcPrefix); len(pids) > 0 {
+	if pids := hostclean.CgroupProcs(l.svcPrefix); len(pids) > 0 {
 		problems = append(problems, fmt.Sprintf("container processes left: %v", pids))
 	}
-	if dirs := cgroupDirs(l.svcPrefix); len(dirs) > 0 {
+	if dirs := hostclean.CgroupDirs(l.svcPrefix); len(dirs) > 0 {
 		problems = append(problems, fmt.Sprintf("cgroups left: %v", dirs))
 	}
 	markers := append([]string{l.work}, runDirs...)
-	if pids := procsMentioning(markers); len(pids) > 0 {
+	if pids := hostclean.ProcsMentioning(markers); len(pids) > 0 {
 		problems = append(problems, fmt.Sprintf("processes of the run left: %v", pids))
 	}
-	if m := mountsUnder(markers); len(m) > 0 {
+	if m := hostclean.MountsUnder(markers); len(m) > 0 {
 		problems = append(problems, fmt.Sprintf("mounts left: %v", m))
 	}
 	for _, d := range append([]string{l.work}, runDirs...) {
@@ -348,163 +348,4 @@ func linkNames() map[string]bool {
 		names[name] = true
 	}
 	return names
-}
-
-func exists(p string) bool {
-	_, err := os.Lstat(p)
-	return err == nil
-}
-
-func waitGone(cond func() bool, timeout time.Duration) {
-	deadline := time.Now().Add(timeout)
-	for !cond() && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-type nsID struct{ dev, ino uint64 }
-
-func inode(path string) (nsID, bool) {
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		return nsID{}, false
-	}
-	return nsID{uint64(st.Dev), st.Ino}, true
-}
-
-// pids lists the processes of the machine but this one, zombies left out.
-func pids() []int {
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-			if i := strings.LastIndexByte(string(b), ')'); i >= 0 && i+2 < len(b) && b[i+2] == 'Z' {
-				continue
-			}
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// netnsProcs lists the processes in the network namespace id.
-func netnsProcs(id nsID) []int {
-	var out []int
-	for _, pid := range pids() {
-		if got, ok := inode(fmt.Sprintf("/proc/%d/ns/net", pid)); ok && got == id {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// cgroupProcs lists the processes in a cgroup named with the run's prefix
-// (berth's containers are in /berth/<instance id>, and every instance id
-// starts with its service's name).
-func cgroupProcs(prefix string) []int {
-	var out []int
-	for _, pid := range pids() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
-		if err != nil {
-			continue
-		}
-		if strings.Contains(string(b), "/"+prefix+"-") {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// cgroupDirs lists cgroup directories named with the run's prefix.
-func cgroupDirs(prefix string) []string {
-	var out []string
-	root := "/sys/fs/cgroup"
-	_ = filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.IsDir() {
-			return nil
-		}
-		if strings.HasPrefix(d.Name(), prefix+"-") {
-			out = append(out, p)
-			return filepath.SkipDir
-		}
-		if strings.Count(strings.TrimPrefix(p, root), "/") >= 5 {
-			return filepath.SkipDir
-		}
-		return nil
-	})
-	return out
-}
-
-// removeCgroups removes the (empty) cgroups named with the run's prefix,
-// deepest first.
-func removeCgroups(prefix string) {
-	for _, d := range cgroupDirs(prefix) {
-		var sub []string
-		_ = filepath.WalkDir(d, func(p string, e os.DirEntry, err error) error {
-			if err == nil && e.IsDir() {
-				sub = append(sub, p)
-			}
-			return nil
-		})
-		for i := len(sub) - 1; i >= 0; i-- {
-			_ = syscall.Rmdir(sub[i])
-		}
-	}
-}
-
-// procsMentioning lists processes whose command line names one of dirs.
-func procsMentioning(dirs []string) []int {
-	var out []int
-	for _, pid := range pids() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err != nil {
-			continue
-		}
-		for _, d := range dirs {
-			if strings.Contains(string(b), d) {
-				out = append(out, pid)
-				break
-			}
-		}
-	}
-	return out
-}
-
-// mountsUnder lists the mount points at or below one of dirs.
-func mountsUnder(dirs []string) []string {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) <= 4 {
-			continue
-		}
-		for _, d := range dirs {
-			if f[4] == d || strings.HasPrefix(f[4], d+"/") {
-				out = append(out, f[4])
-				break
-			}
-		}
-	}
-	return out
-}
-
-// unmountUnder lazily unmounts every mount point at or below dir, deepest
-// first.
-func unmountUnder(dir string) error {
-	points := mountsUnder([]string{dir})
-	var errs []error
-	for i := len(points) - 1; i >= 0; i-- {
-		if err := syscall.Unmount(points[i], syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
-			errs = append(errs, fmt.Errorf("unmount %s: %w", points[i], err))
-		}
-	}
-	return errors.Join(errs...)
 }

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/berth-dev/berth/bench/internal/hostclean"
 	"github.com/berth-dev/berth/internal/testimage"
 )
 
@@ -216,7 +217,7 @@ func settle(ctx context.Context, s subject, key string, timeout time.Duration) e
 	}
 	for _, pid := range pids {
 		for !catchesTERM(pid) {
-			if !alive(pid) {
+			if !hostclean.Alive(pid) {
 				return fmt.Errorf("%s: %s: process %d ended", s.Name(), key, pid)
 			}
 			select {

@@ -10,11 +10,11 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/berth-dev/berth/bench/internal/hostclean"
 	"github.com/berth-dev/berth/internal/runtime"
 )
 
@@ -173,7 +173,7 @@ func sweep(l layout, netns string) []string {
 	defer cancel()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	nsPath := "/run/netns/" + netns
-	nsIno, nsOK := inode(nsPath)
+	nsIno, nsOK := hostclean.Inode(nsPath)
 
 	// Containerds that still run: remove their containers, stop them and
 	// their shims, unmount.
@@ -184,7 +184,7 @@ func sweep(l layout, netns string) []string {
 			continue
 		}
 		runDirs = append(runDirs, filepath.Dir(p.Socket))
-		if exists(filepath.Dir(p.Socket)) {
+		if hostclean.Exists(filepath.Dir(p.Socket)) {
 			if err := runtime.Shutdown(ctx, p, log); err != nil {
 				fmt.Fprintf(os.Stderr, "bench: sweep: shutdown of the containerd of %s: %v\n", d, err)
 			}
@@ -195,30 +195,30 @@ func sweep(l layout, netns string) []string {
 	// shims, loggers: only this run starts processes there) and whatever
 	// is in a cgroup of this run's containers.
 	if nsOK {
-		for _, pid := range netnsProcs(nsIno) {
+		for _, pid := range hostclean.NetnsProcs(nsIno) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
-	for _, pid := range cgroupProcs(l.prefix) {
+	for _, pid := range hostclean.CgroupProcs(l.prefix) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
-	waitGone(func() bool {
-		return (!nsOK || len(netnsProcs(nsIno)) == 0) && len(cgroupProcs(l.prefix)) == 0
+	hostclean.WaitGone(func() bool {
+		return (!nsOK || len(hostclean.NetnsProcs(nsIno)) == 0) && len(hostclean.CgroupProcs(l.prefix)) == 0
 	}, 10*time.Second)
 	for _, d := range append([]string{l.work}, runDirs...) {
-		if err := unmountUnder(d); err != nil {
+		if err := hostclean.UnmountUnder(d); err != nil {
 			fmt.Fprintf(os.Stderr, "bench: sweep: %v\n", err)
 		}
 	}
-	removeCgroups(l.prefix)
+	hostclean.RemoveCgroups(l.prefix)
 
 	var problems []string
 	if nsOK {
-		if pids := netnsProcs(nsIno); len(pids) > 0 {
+		if pids := hostclean.NetnsProcs(nsIno); len(pids) > 0 {
 			problems = append(problems, fmt.Sprintf("processes still in namespace %s: %v", netns, pids))
 		}
 	}
-	if exists(nsPath) {
+	if hostclean.Exists(nsPath) {
 		if out, err := exec.Command("ip", "netns", "delete", netns).CombinedOutput(); err != nil {
 			problems = append(problems, fmt.Sprintf("ip netns delete %s: %v %s", netns, err, strings.TrimSpace(string(out))))
 		}
@@ -226,17 +226,17 @@ func sweep(l layout, netns string) []string {
 	if out, _ := exec.Command("ip", "netns", "list").Output(); containsWord(string(out), netns) {
 		problems = append(problems, "namespace still listed by ip netns list: "+netns)
 	}
-	if pids := cgroupProcs(l.prefix); len(pids) > 0 {
+	if pids := hostclean.CgroupProcs(l.prefix); len(pids) > 0 {
 		problems = append(problems, fmt.Sprintf("container processes left: %v", pids))
 	}
-	if dirs := cgroupDirs(l.prefix); len(dirs) > 0 {
+	if dirs := hostclean.CgroupDirs(l.prefix); len(dirs) > 0 {
 		problems = append(problems, fmt.Sprintf("cgroups left: %v", dirs))
 	}
 	markers := append([]string{l.work}, runDirs...)
-	if pids := procsMentioning(markers); len(pids) > 0 {
+	if pids := hostclean.ProcsMentioning(markers); len(pids) > 0 {
 		problems = append(problems, fmt.Sprintf("processes of the run left: %v", pids))
 	}
-	if m := mountsUnder(markers); len(m) > 0 {
+	if m := hostclean.MountsUnder(markers); len(m) > 0 {
 		problems = append(problems, fmt.Sprintf("mounts left: %v", m))
 	}
 	for _, d := range append([]string{l.work}, runDirs...) {
@@ -247,11 +247,6 @@ func sweep(l layout, netns string) []string {
 	return problems
 }
 
-func exists(p string) bool {
-	_, err := os.Lstat(p)
-	return err == nil
-}
-
 func containsWord(s, w string) bool {
 	for _, f := range strings.Fields(s) {
 		if f == w {
@@ -259,172 +254,6 @@ func containsWord(s, w string) bool {
 		}
 	}
 	return false
-}
-
-func waitGone(cond func() bool, timeout time.Duration) {
-	deadline := time.Now().Add(timeout)
-	for !cond() && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-type nsID struct{ dev, ino uint64 }
-
-func inode(path string) (nsID, bool) {
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		return nsID{}, false
-	}
-	return nsID{uint64(st.Dev), st.Ino}, true
-}
-
-// pids lists the processes of the machine, zombies left out (a zombie is
-// dead; it waits for its parent or init to reap it).
-func pids() []int {
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-			if i := strings.LastIndexByte(string(b), ')'); i >= 0 && i+2 < len(b) && b[i+2] == 'Z' {
-				continue
-			}
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// alive says whether pid runs (a zombie does not).
-func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	i := strings.LastIndexByte(string(b), ')')
-	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
-}
-
-// netnsProcs lists the processes in the network namespace id.
-func netnsProcs(id nsID) []int {
-	var out []int
-	for _, pid := range pids() {
-		if got, ok := inode(fmt.Sprintf("/proc/%d/ns/net", pid)); ok && got == id {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// cgroupProcs lists the processes in a cgroup named with the run's prefix:
-// the containers of all subjects (containerd puts them in /berth/<id>,
-// runc in <its own cgroup>/<id>, and every id starts with the prefix).
-func cgroupProcs(prefix string) []int {
-	var out []int
-	for _, pid := range pids() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
-		if err != nil {
-			continue
-		}
-		if strings.Contains(string(b), "/"+prefix+"-") {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// cgroupDirs lists cgroup directories named with the run's prefix.
-func cgroupDirs(prefix string) []string {
-	var out []string
-	root := "/sys/fs/cgroup"
-	_ = filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.IsDir() {
-			return nil
-		}
-		if strings.HasPrefix(d.Name(), prefix+"-") {
-			out = append(out, p)
-			return filepath.SkipDir
-		}
-		if strings.Count(strings.TrimPrefix(p, root), "/") >= 5 {
-			return filepath.SkipDir
-		}
-		return nil
-	})
-	return out
-}
-
-// removeCgroups removes the (empty) cgroups named with the run's prefix,
-// deepest first.
-func removeCgroups(prefix string) {
-	for _, d := range cgroupDirs(prefix) {
-		var sub []string
-		_ = filepath.WalkDir(d, func(p string, e os.DirEntry, err error) error {
-			if err == nil && e.IsDir() {
-				sub = append(sub, p)
-			}
-			return nil
-		})
-		for i := len(sub) - 1; i >= 0; i-- {
-			_ = syscall.Rmdir(sub[i])
-		}
-	}
-}
-
-// procsMentioning lists processes whose command line names one of dirs.
-func procsMentioning(dirs []string) []int {
-	var out []int
-	for _, pid := range pids() {
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		for _, d := range dirs {
-			if strings.Contains(s, d) {
-				out = append(out, pid)
-				break
-			}
-		}
-	}
-	return out
-}
-
-// mountsUnder lists the mount points at or below one of dirs.
-func mountsUnder(dirs []string) []string {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) <= 4 {
-			continue
-		}
-		for _, d := range dirs {
-			if f[4] == d || strings.HasPrefix(f[4], d+"/") {
-				out = append(out, f[4])
-				break
-			}
-		}
-	}
-	return out
-}
-
-// unmountUnder lazily unmounts every mount point at or below dir, deepest
-// first.
-func unmountUnder(dir string) error {
-	points := mountsUnder([]string{dir})
-	var errs []error
-	for i := len(points) - 1; i >= 0; i-- {
-		if err := syscall.Unmount(points[i], syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
-			errs = append(errs, fmt.Errorf("unmount %s: %w", points[i], err))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // runcLeftovers force-deletes every container left in a runc root.

@@ -17,6 +17,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+
+	"github.com/berth-dev/berth/bench/internal/hostclean"
 )
 
 // runcSubject runs bare runc on one OCI bundle prepared once: the image's
@@ -202,7 +204,7 @@ func (s *runcSubject) Remove(ctx context.Context, key string) (time.Duration, er
 	if _, err := s.runc(ctx, "kill", id, "KILL"); err != nil {
 		return 0, err
 	}
-	for pid > 0 && alive(pid) {
+	for pid > 0 && hostclean.Alive(pid) {
 		if ctx.Err() != nil {
 			return 0, ctx.Err()
 		}
