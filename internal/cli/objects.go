@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 	"sigs.k8s.io/yaml"
@@ -316,7 +317,110 @@ func registryCmd(g *globals) *cobra.Command {
 			})
 		}}
 	addOutput(ls, g)
-	cmd.AddCommand(ls)
+	var ttl time.Duration
+	var meta []string
+	register := &cobra.Command{Use: "register NAME ADDRESS PORT [--id ID] [--ttl 30s] [--meta k=v]",
+		Short: "Register an external instance; it expires when not renewed within its TTL", Args: cobra.ExactArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			port, err := strconv.Atoi(args[2])
+			if err != nil {
+				return fmt.Errorf("port: %q is not a number", args[2])
+			}
+			m, err := parseKV("meta", meta)
+			if err != nil {
+				return err
+			}
+			id, _ := cmd.Flags().GetString("id")
+			if id == "" {
+				id = fmt.Sprintf("%s-%s-%d", args[0], strings.NewReplacer(".", "-", ":", "-").Replace(args[1]), port)
+			}
+			return g.call(func(ctx context.Context, c *client.Client) error {
+				r, err := c.Register(ctx, args[0], id, api.RegistrationSpec{Address: args[1], Port: port, Meta: m, TTL: api.Duration(ttl)})
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(g.stdout, "registered %s/%s at %s:%d (ttl %s)\n", r.Service, r.ID, r.Address, r.Port, r.TTL)
+				return nil
+			})
+		}}
+	register.Flags().String("id", "", "the instance id (default: derived from the address and port)")
+	register.Flags().DurationVar(&ttl, "ttl", api.DefaultRegistrationTTL, "expire unless renewed within this long")
+	register.Flags().StringArrayVar(&meta, "meta", nil, "metadata key=value (repeatable)")
+	deregister := &cobra.Command{Use: "deregister NAME ID", Short: "Remove a registration", Args: cobra.ExactArgs(2),
+		RunE: func(_ *cobra.Command, args []string) error {
+			return g.call(func(ctx context.Context, c *client.Client) error {
+				if err := c.Deregister(ctx, args[0], args[1]); err != nil {
+					return err
+				}
+				fmt.Fprintf(g.stdout, "deregistered %s/%s\n", args[0], args[1])
+				return nil
+			})
+		}}
+	cmd.AddCommand(ls, register, deregister)
+	return cmd
+}
+
+func discoverCmd(g *globals) *cobra.Command {
+	var o client.DiscoverOptions
+	var meta []string
+	var watch bool
+	cmd := &cobra.Command{Use: "discover NAME [--healthy] [--watch]", Short: "A service's endpoints: its instances and registrations", Args: cobra.ExactArgs(1),
+		RunE: func(_ *cobra.Command, args []string) error {
+			m := map[string]string{}
+			for _, kv := range meta {
+				k, v, ok := strings.Cut(kv, ":")
+				if !ok {
+					return fmt.Errorf("--meta %q: expected key:value", kv)
+				}
+				m[k] = v
+			}
+			o.Meta = m
+			if watch {
+				return g.callLong(func(ctx context.Context, c *client.Client) error {
+					s, err := c.Watch(ctx, client.DiscoveryPath(args[0], o), 0)
+					if err != nil {
+						return err
+					}
+					defer s.Close()
+					enc := json.NewEncoder(g.stdout)
+					for {
+						ev, err := s.Next()
+						if err != nil {
+							if ctx.Err() != nil {
+								return nil
+							}
+							return err
+						}
+						if ev.Type != api.EventBookmark {
+							if err := enc.Encode(ev); err != nil {
+								return err
+							}
+						}
+					}
+				})
+			}
+			return g.call(func(ctx context.Context, c *client.Client) error {
+				l, err := c.Discover(ctx, args[0], o)
+				if err != nil {
+					return err
+				}
+				return render(g.stdout, g.output, l.Items, func(tw *tabwriter.Writer) {
+					row(tw, "ID", "ADDRESS", "PORT", "NETWORK", "NODE", "HEALTH")
+					for _, ep := range l.Items {
+						net := ep.Network
+						if ep.External {
+							net = "(external)"
+						}
+						row(tw, ep.ID, ep.Address, ep.Port, orDash(net), orDash(ep.Node), ep.Health)
+					}
+				})
+			})
+		}}
+	cmd.Flags().BoolVar(&o.Healthy, "healthy", false, "only passing and warning endpoints")
+	cmd.Flags().StringVar(&o.Network, "network", "", "only endpoints on this network")
+	cmd.Flags().StringArrayVar(&meta, "meta", nil, "only endpoints with metadata key:value (repeatable)")
+	cmd.Flags().BoolVar(&watch, "watch", false, "stream the view's changes as JSON lines")
+	addOutput(cmd, g)
 	return cmd
 }
 

@@ -73,7 +73,7 @@ func newRoot(g *globals) *cobra.Command {
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level of daemons: debug, info, warn, error")
 	root.AddCommand(devCmd(g), serverCmd(g), agentCmd(g),
 		nodeCmd(g), networkCmd(g), serviceCmd(g), applyCmd(g), watchCmd(g), registryCmd(g),
-		imageCmd(g), runCmd(g), scaleCmd(g), rolloutCmd(g), psCmd(g), inspectCmd(g), logsCmd(g), execCmd(g), stopCmd(g), rmCmd(g))
+		imageCmd(g), runCmd(g), scaleCmd(g), rolloutCmd(g), discoverCmd(g), psCmd(g), inspectCmd(g), logsCmd(g), execCmd(g), stopCmd(g), rmCmd(g))
 	return root
 }
 

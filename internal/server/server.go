@@ -221,6 +221,8 @@ func (s *Server) Handler() http.Handler {
 	h("GET /v1/instances/{id}/logs", s.proxyInstance("logs"))
 	h("POST /v1/instances/{id}/exec", s.proxyInstance("exec"))
 
+	h("GET /v1/discovery/{name}", s.discover)
+
 	h("GET /v1/images", s.listImages)
 	h("POST /v1/images/import", s.importImage)
 	h("POST /v1/images/pull", s.pullImage)

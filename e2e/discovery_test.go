@@ -1,0 +1,71 @@
+package e2e
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/e2e/testhost"
+)
+
+// TestDiscoveryOfInstancesAndRegistrations: a service's running instances
+// are discovered with their VNIC addresses; an instance that dies leaves the
+// healthy view; an external registration appears, and expires by itself
+// when it is not renewed.
+func TestDiscoveryOfInstancesAndRegistrations(t *testing.T) {
+	testhost.SkipIfUnsupported(t)
+	h := testhost.New(t)
+	b := startDevRuntime(t, h, t.TempDir())
+	importTestImage(t, b)
+	b.mustCLI("run", "web", "--image", testImage, "--replicas", "3", "--restart", "never", "--", "httpd", "-f", "-p", "8080", "-h", "/www")
+	ins := b.waitInstances("web", 3, 30*time.Second, "3 running", running)
+	discover := func(args ...string) []api.Endpoint {
+		t.Helper()
+		var eps []api.Endpoint
+		if err := json.Unmarshal([]byte(b.mustCLI(append([]string{"discover", "web", "-o", "json"}, args...)...)), &eps); err != nil {
+			t.Fatal(err)
+		}
+		return eps
+	}
+	eps := discover("--healthy")
+	if len(eps) != 3 {
+		t.Fatalf("discover: %+v", eps)
+	}
+	ips := map[string]bool{}
+	for _, in := range ins {
+		ips[vnic(t, in, api.DefaultNetwork).IP] = true
+	}
+	for _, ep := range eps {
+		if !ips[ep.Address] || ep.Health != api.HealthPassing || ep.Network != api.DefaultNetwork {
+			t.Fatalf("endpoint %+v not one of the instances' addresses %v", ep, ips)
+		}
+	}
+
+	// Kill one instance's process: it leaves the healthy view.
+	killContainer(t, ins[0].ID)
+	eventually(t, 5*time.Second, "the dead instance out of discovery", func() (bool, string) {
+		eps := discover("--healthy")
+		for _, ep := range eps {
+			if ep.ID == ins[0].ID {
+				return false, ep.Health
+			}
+		}
+		return len(eps) == 2, ""
+	})
+
+	// External registration with a short TTL: present, then expired.
+	b.mustCLI("registry", "register", "web", "198.51.100.7", "9000", "--id", "legacy-1", "--ttl", "2s", "--meta", "zone=b")
+	if eps := discover("--meta", "zone:b"); len(eps) != 1 || !eps[0].External || eps[0].Address != "198.51.100.7" {
+		t.Fatalf("registered endpoint: %+v", eps)
+	}
+	eventually(t, 10*time.Second, "the registration expired", func() (bool, string) {
+		return len(discover("--meta", "zone:b")) == 0, ""
+	})
+	b.mustCLI("registry", "register", "web", "198.51.100.8", "9000", "--id", "legacy-2")
+	b.mustCLI("registry", "deregister", "web", "legacy-2")
+	if out := b.mustCLI("discover", "web"); strings.Contains(out, "legacy-2") {
+		t.Fatalf("deregistered endpoint still listed:\n%s", out)
+	}
+}
