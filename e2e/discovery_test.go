@@ -2,6 +2,10 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -68,4 +72,61 @@ func TestDiscoveryOfInstancesAndRegistrations(t *testing.T) {
 	if out := b.mustCLI("discover", "web"); strings.Contains(out, "legacy-2") {
 		t.Fatalf("deregistered endpoint still listed:\n%s", out)
 	}
+}
+
+// TestDNS: berth dev --dns-addr answers NAME.svc.berth with the healthy
+// instances' addresses (queried with dig), SRV for named ports, NXDOMAIN for
+// unknown names; a killed instance leaves the answers.
+func TestDNS(t *testing.T) {
+	testhost.SkipIfUnsupported(t)
+	if _, err := exec.LookPath("dig"); err != nil {
+		t.Skip("dig (bind9-dnsutils) is not installed")
+	}
+	h := testhost.New(t)
+	b := startDevRuntime(t, h, t.TempDir(), "--dns-addr", "127.0.0.1:5353")
+	if !strings.Contains(b.proc.Stdout(), "DNS for svc.berth on 127.0.0.1:5353") {
+		t.Fatalf("dev does not say where DNS listens: %s", b.proc.Stdout())
+	}
+	importTestImage(t, b)
+	spec := filepath.Join(t.TempDir(), "web.json")
+	os.WriteFile(spec, []byte(fmt.Sprintf(`{"name":"web","image":%q,"replicas":2,"command":["httpd","-f","-p","8080","-h","/www"],
+		"ports":[{"name":"http","port":8080}],"restart":{"policy":"never"}}`, testImage)), 0o644)
+	b.mustCLI("apply", "-f", spec)
+	ins := b.waitInstances("web", 2, 30*time.Second, "2 running", running)
+	dig := func(args ...string) string {
+		t.Helper()
+		out, err := h.Run(ctxT(t), "dig", append([]string{"@127.0.0.1", "-p", "5353", "+time=2", "+tries=1"}, args...)...)
+		if err != nil {
+			t.Fatalf("dig %v: %v\n%s", args, err, out)
+		}
+		return out
+	}
+	want := map[string]bool{}
+	for _, in := range ins {
+		want[vnic(t, in, api.DefaultNetwork).IP] = true
+	}
+	eventually(t, 5*time.Second, "A records of both instances", func() (bool, string) {
+		out := dig("+short", "web.svc.berth", "A")
+		got := strings.Fields(out)
+		ok := len(got) == 2
+		for _, ip := range got {
+			ok = ok && want[ip]
+		}
+		return ok, out
+	})
+	if out := dig("+short", "_http._tcp.web.svc.berth", "SRV"); strings.Count(out, " 8080 ") != 2 {
+		t.Fatalf("SRV: %q", out)
+	}
+	if out := dig("nope.svc.berth", "A"); !strings.Contains(out, "status: NXDOMAIN") {
+		t.Fatalf("unknown name: %s", out)
+	}
+	if out := dig("example.com", "A"); !strings.Contains(out, "status: REFUSED") {
+		t.Fatalf("outside the zone: %s", out)
+	}
+	killContainer(t, ins[0].ID)
+	gone := vnic(t, ins[0], api.DefaultNetwork).IP
+	eventually(t, 5*time.Second, "the killed instance out of DNS", func() (bool, string) {
+		out := dig("+short", "web.svc.berth", "A")
+		return !strings.Contains(out, gone) && strings.TrimSpace(out) != "", out
+	})
 }

@@ -35,6 +35,7 @@ command -v docker-registry >/dev/null || need+=(docker-registry) # a real regist
 command -v iptables >/dev/null || need+=(iptables)               # portmap's rules
 command -v nft >/dev/null || need+=(nftables)                    # to inspect berth's table
 command -v iperf3 >/dev/null || need+=(iperf3)                   # network benchmarks
+command -v dig >/dev/null || need+=(bind9-dnsutils)              # DNS tests
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "install: run as root to install ${need[*]}" >&2

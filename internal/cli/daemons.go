@@ -71,7 +71,7 @@ func (f *agentFlags) config() (agent.Config, error) {
 }
 
 func devCmd(g *globals) *cobra.Command {
-	var dataDir, apiAddr string
+	var dataDir, apiAddr, dnsAddr string
 	var grace time.Duration
 	var af agentFlags
 	cmd := &cobra.Command{
@@ -89,13 +89,14 @@ func devCmd(g *globals) *cobra.Command {
 			}
 			ctx, stop := signalContext()
 			defer stop()
-			return daemon.RunDev(ctx, daemon.ServerConfig{DataDir: dataDir, APIAddr: apiAddr, NodeTTL: acfg.TTL, NodeDownGrace: grace},
+			return daemon.RunDev(ctx, daemon.ServerConfig{DataDir: dataDir, APIAddr: apiAddr, NodeTTL: acfg.TTL, NodeDownGrace: grace, DNSAddr: dnsAddr},
 				acfg, g.stdout, g.logger())
 		},
 	}
 	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/berth", "where berth keeps its state")
 	cmd.Flags().StringVar(&apiAddr, "api-addr", "127.0.0.1:7480", "where the API listens")
 	cmd.Flags().DurationVar(&grace, "node-down-grace", 5*time.Second, "how long a node may be down before its instances are replaced elsewhere")
+	cmd.Flags().StringVar(&dnsAddr, "dns-addr", "", "answer NAME.svc.berth here, e.g. 127.0.0.1:5353 (default: no DNS)")
 	af.add(cmd)
 	return cmd
 }
@@ -123,6 +124,7 @@ func serverCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&endpoints, "etcd-endpoints", "", "use an external etcd cluster (comma-separated client URLs) instead of the embedded one")
 	cmd.Flags().DurationVar(&cfg.NodeTTL, "node-ttl", 10*time.Second, "default node lease when an agent asks for none")
 	cmd.Flags().DurationVar(&cfg.NodeDownGrace, "node-down-grace", 5*time.Second, "how long a node may be down before its instances are replaced elsewhere")
+	cmd.Flags().StringVar(&cfg.DNSAddr, "dns-addr", "", "answer NAME.svc.berth here, e.g. 127.0.0.1:5353 (default: no DNS)")
 	return cmd
 }
 

@@ -17,6 +17,7 @@ import (
 
 	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/internal/agent"
+	"github.com/berth-dev/berth/internal/dns"
 	"github.com/berth-dev/berth/internal/server"
 	"github.com/berth-dev/berth/internal/store"
 )
@@ -28,6 +29,8 @@ type ServerConfig struct {
 	EtcdEndpoints []string
 	NodeTTL       time.Duration
 	NodeDownGrace time.Duration
+	// DNSAddr, when set, is where the server answers NAME.svc.berth.
+	DNSAddr string
 }
 
 // AgentConfig configures an agent.
@@ -44,6 +47,7 @@ type running struct {
 	addr   string
 	cancel context.CancelFunc // stops watch streams and controllers
 	wg     sync.WaitGroup
+	dns    *dns.Server
 }
 
 func startServer(ctx context.Context, cfg ServerConfig, log *slog.Logger) (*running, error) {
@@ -79,10 +83,21 @@ func startServer(ctx context.Context, cfg ServerConfig, log *slog.Logger) (*runn
 		r.stop(log)
 		return nil, ctx.Err()
 	}
+	if cfg.DNSAddr != "" {
+		d, err := dns.Start(rctx, dns.Config{Addr: cfg.DNSAddr}, srv)
+		if err != nil {
+			r.stop(log)
+			return nil, fmt.Errorf("DNS on %s: %w", cfg.DNSAddr, err)
+		}
+		r.dns = d
+	}
 	return r, nil
 }
 
 func (r *running) stop(log *slog.Logger) {
+	if r.dns != nil {
+		_ = r.dns.Close()
+	}
 	r.cancel()
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -103,6 +118,9 @@ func RunServer(ctx context.Context, cfg ServerConfig, out io.Writer, log *slog.L
 		return err
 	}
 	fmt.Fprintf(out, "berth server: API listening on http://%s\n", r.addr)
+	if r.dns != nil {
+		fmt.Fprintf(out, "berth server: DNS for svc.berth on %s\n", r.dns.Addr())
+	}
 	fmt.Fprintf(out, "berth server: ready in %v\n", time.Since(start).Round(time.Millisecond))
 	<-ctx.Done()
 	log.Info("stopping")
@@ -140,6 +158,9 @@ func RunDev(ctx context.Context, scfg ServerConfig, acfg agent.Config, out io.Wr
 		return err
 	}
 	fmt.Fprintf(out, "berth dev: API listening on http://%s\n", r.addr)
+	if r.dns != nil {
+		fmt.Fprintf(out, "berth dev: DNS for svc.berth on %s\n", r.dns.Addr())
+	}
 	c, err := client.New(r.addr)
 	if err != nil {
 		r.stop(log)

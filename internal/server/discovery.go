@@ -268,3 +268,19 @@ func endpointEqual(a, b api.Endpoint) bool {
 	jb, _ := json.Marshal(b)
 	return string(ja) == string(jb)
 }
+
+// Endpoints is the DNS server's source: every endpoint of a service (the
+// DNS handler keeps the healthy ones), and whether the service exists.
+func (s *Server) Endpoints(service string) ([]api.Endpoint, bool) {
+	view, _ := s.view(service, discoveryFilter{})
+	known := len(view) > 0
+	if !known {
+		svcs, _ := s.cache.Snapshot(keyServices + service)
+		for _, ev := range svcs {
+			if ev.Key == keyServices+service {
+				known = true
+			}
+		}
+	}
+	return sortedEndpoints(view), known
+}
