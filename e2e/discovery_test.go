@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/e2e/testhost"
 )
 
@@ -128,5 +129,46 @@ func TestDNS(t *testing.T) {
 	eventually(t, 5*time.Second, "the killed instance out of DNS", func() (bool, string) {
 		out := dig("+short", "web.svc.berth", "A")
 		return !strings.Contains(out, gone) && strings.TrimSpace(out) != "", out
+	})
+}
+
+// TestHealthCheckStartsFailing: an HTTP check run by the agent turns an
+// instance passing, then critical when the check starts failing, which
+// takes it out of the healthy view; it comes back when the check passes.
+func TestHealthCheckStartsFailing(t *testing.T) {
+	testhost.SkipIfUnsupported(t)
+	h := testhost.New(t)
+	b := startDevRuntime(t, h, t.TempDir())
+	importTestImage(t, b)
+	spec := filepath.Join(t.TempDir(), "web.json")
+	os.WriteFile(spec, []byte(fmt.Sprintf(`{"name":"web","image":%q,"replicas":2,
+		"command":["httpd","-f","-p","8080","-h","/www"],"ports":[{"name":"http","port":8080}],
+		"check":{"http":{"port":8080,"path":"/index.html"},"interval":"200ms","timeout":"150ms","failuresBeforeCritical":2}}`, testImage)), 0o644)
+	b.mustCLI("apply", "-f", spec)
+	healthyIDs := func() map[string]bool {
+		l, err := b.client().Discover(ctxT(t), "web", client.DiscoverOptions{Healthy: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]bool{}
+		for _, ep := range l.Items {
+			out[ep.ID] = true
+		}
+		return out
+	}
+	eventually(t, 20*time.Second, "both instances passing", func() (bool, string) {
+		ids := healthyIDs()
+		return len(ids) == 2, fmt.Sprint(ids)
+	})
+	victim := b.instances("web")[0].ID
+	b.mustCLI("exec", victim, "--", "rm", "/www/index.html")
+	eventually(t, 5*time.Second, "the failing instance critical and out of the healthy view", func() (bool, string) {
+		in, _ := b.client().GetInstance(ctxT(t), victim)
+		ids := healthyIDs()
+		return in.Status.Health == api.HealthCritical && !ids[victim] && len(ids) == 1, in.Status.Health
+	})
+	b.mustCLI("exec", victim, "--", "sh", "-c", "echo back > /www/index.html")
+	eventually(t, 5*time.Second, "passing again", func() (bool, string) {
+		return healthyIDs()[victim], ""
 	})
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/berth-dev/berth/api"
 	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/health"
 	"github.com/berth-dev/berth/internal/network"
 	"github.com/berth-dev/berth/internal/runtime"
 )
@@ -202,7 +204,9 @@ type worker struct {
 	consecutive int
 	gone        bool
 	netns       string
-	gateways    map[string]string // network → the gateway its VNIC uses
+	gateways    map[string]string  // network → the gateway its VNIC uses
+	checkStop   context.CancelFunc // stops the running health monitor
+	health      *string            // a state the monitor reported, not yet applied
 }
 
 func (w *worker) set(in *api.Instance) {
@@ -287,10 +291,18 @@ func exitReason(ev runtime.Event) (state, reason, msg string) {
 // reconcile does one step toward the desired state; true ends the worker.
 func (w *worker) reconcile(ctx context.Context) bool {
 	w.mu.Lock()
-	in, ev, gone := w.desired, w.exit, w.gone
-	w.exit = nil
+	in, ev, gone, health := w.desired, w.exit, w.gone, w.health
+	w.exit, w.health = nil, nil
 	w.mu.Unlock()
 	rt := w.m.rt
+
+	if ev != nil || gone || (in != nil && in.DesiredState == api.DesiredStopped) {
+		w.stopCheck()
+	}
+	if health != nil && ev == nil && w.status.State == api.InstanceRunning && w.status.Health != *health {
+		w.status.Health = *health
+		w.report(ctx)
+	}
 
 	if ev != nil && w.status.State == api.InstanceRunning {
 		code := ev.ExitCode
@@ -392,6 +404,9 @@ func (w *worker) reconcile(ctx context.Context) bool {
 			}
 			w.report(ctx)
 		}
+		if w.checkStop == nil && spec.Check != nil {
+			w.startCheck(ctx)
+		}
 		if !w.created {
 			w.applied, w.created = in.Resources, true
 		}
@@ -488,7 +503,49 @@ func (w *worker) start(ctx context.Context, in *api.Instance) {
 	w.status.FinishedAt = time.Time{}
 	w.status.ExitCode = nil
 	w.status.Health = ""
+	if w.spec != nil && w.spec.Check != nil {
+		w.status.Health = api.HealthCritical // until the check passes
+	}
 	w.report(ctx)
+	w.startCheck(ctx)
+}
+
+// startCheck runs the spec's health check against the instance, feeding
+// each change of state back into the worker's loop.
+func (w *worker) startCheck(ctx context.Context) {
+	w.stopCheck()
+	if w.spec == nil || w.spec.Check == nil || len(w.status.VNICs) == 0 {
+		return
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	w.checkStop = cancel
+	target := health.Target{
+		Address: w.status.VNICs[0].IP,
+		Exec: func(ctx context.Context, cmd []string) (int, string, error) {
+			var out bytes.Buffer
+			code, err := w.m.a.rt.Exec(ctx, w.id, cmd, &out, &out)
+			return code, out.String(), err
+		},
+	}
+	mon := health.NewMonitor(*w.spec.Check, target, func(state, output string) {
+		w.mu.Lock()
+		w.health = &state
+		w.mu.Unlock()
+		w.m.a.log.Info("agent: health", "instance", w.id, "state", state, "output", output)
+		w.poke()
+	})
+	w.m.wg.Add(1)
+	go func() {
+		defer w.m.wg.Done()
+		mon.Run(cctx)
+	}()
+}
+
+func (w *worker) stopCheck() {
+	if w.checkStop != nil {
+		w.checkStop()
+		w.checkStop = nil
+	}
 }
 
 func (w *worker) fail(ctx context.Context, reason, msg string) {
