@@ -124,6 +124,17 @@ func TestDNS(t *testing.T) {
 	if out := dig("example.com", "A"); !strings.Contains(out, "status: REFUSED") {
 		t.Fatalf("outside the zone: %s", out)
 	}
+	// Containers resolve the same names through the DNS their resolv.conf
+	// names: the agent's, on their network's gateway.
+	out := b.mustCLI("exec", ins[0].ID, "--", "nslookup", "web.svc.berth")
+	for ip := range want {
+		if !strings.Contains(out, ip) {
+			t.Fatalf("nslookup inside a container does not list %s:\n%s", ip, out)
+		}
+	}
+	if out, _, err := b.cli("exec", ins[0].ID, "--", "nslookup", "nope.svc.berth"); err == nil && !strings.Contains(out, "NXDOMAIN") {
+		t.Fatalf("nslookup of an unknown name inside a container:\n%s", out)
+	}
 	killContainer(t, ins[0].ID)
 	gone := vnic(t, ins[0], api.DefaultNetwork).IP
 	eventually(t, 5*time.Second, "the killed instance out of DNS", func() (bool, string) {

@@ -22,6 +22,7 @@ import (
 
 	"github.com/berth-dev/berth/api"
 	"github.com/berth-dev/berth/client"
+	"github.com/berth-dev/berth/internal/dns"
 	"github.com/berth-dev/berth/internal/network"
 	"github.com/berth-dev/berth/internal/runtime"
 )
@@ -52,6 +53,7 @@ type Agent struct {
 	ready     chan struct{}
 	rt        *runtime.Containerd
 	net       *network.Manager
+	dns       *gatewayDNS
 	agentAddr string
 }
 
@@ -135,6 +137,7 @@ func (a *Agent) startRuntime(ctx context.Context) (func(), error) {
 		return nil, fmt.Errorf("agent: listen on %s: %w", listen, err)
 	}
 	a.agentAddr = ln.Addr().String()
+	a.dns = &gatewayDNS{a: a, src: &apiSource{c: a.c, cache: map[string]sourceEntry{}}, servers: map[string]*dns.Server{}}
 	rtReady := make(chan struct{})
 	h := a.handler()
 	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second,
@@ -201,6 +204,7 @@ func (a *Agent) startRuntime(ctx context.Context) (func(), error) {
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 		wg.Wait()
+		a.dns.closeAll()
 		select {
 		case <-rtReady:
 			_ = a.rt.Close()

@@ -373,6 +373,9 @@ func (w *worker) reconcile(ctx context.Context) bool {
 			if netns, vnics, err = w.m.a.net.Setup(ctx, w.id, atts); err == nil {
 				w.status.VNICs = vnics
 				w.netns = netns
+				for _, a := range atts {
+					w.m.a.dns.ensure(ctx, network.Gateway(a))
+				}
 			}
 		}
 		if err != nil {
