@@ -347,6 +347,33 @@ func (s *Server) getInstance(w http.ResponseWriter, r *http.Request) error {
 	return s.getOne(w, r, api.KindInstance, keyInstances+id, id)
 }
 
+// updateInstance applies change to the stored instance, reading it again
+// and retrying when someone else wrote it in between (agents write status,
+// the controller and users write the rest).
+func (s *Server) updateInstance(ctx context.Context, id string, change func(*api.Instance)) (api.Instance, error) {
+	for {
+		var in api.Instance
+		rev, err := s.st.Get(ctx, keyInstances+id, &in)
+		if errors.Is(err, store.ErrNotFound) {
+			return api.Instance{}, notFound("instance", id)
+		}
+		if err != nil {
+			return api.Instance{}, err
+		}
+		change(&in)
+		in.UpdatedAt = time.Now().UTC()
+		newRev, err := s.st.Put(ctx, keyInstances+id, in, rev)
+		if errors.Is(err, store.ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return api.Instance{}, err
+		}
+		in.Revision = newRev
+		return in, nil
+	}
+}
+
 // putInstanceStatus records what an agent observed of an instance.
 func (s *Server) putInstanceStatus(w http.ResponseWriter, r *http.Request) error {
 	id := r.PathValue("id")
@@ -357,29 +384,12 @@ func (s *Server) putInstanceStatus(w http.ResponseWriter, r *http.Request) error
 	if err := validated("instance status", st.Validate()); err != nil {
 		return err
 	}
-	ctx := r.Context()
-	for {
-		var in api.Instance
-		rev, err := s.st.Get(ctx, keyInstances+id, &in)
-		if errors.Is(err, store.ErrNotFound) {
-			return notFound("instance", id)
-		}
-		if err != nil {
-			return err
-		}
-		in.Status = st
-		in.UpdatedAt = time.Now().UTC()
-		newRev, err := s.st.Put(ctx, keyInstances+id, in, rev)
-		if errors.Is(err, store.ErrConflict) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		in.Revision = newRev
-		writeJSON(w, http.StatusOK, in)
-		return nil
+	in, err := s.updateInstance(r.Context(), id, func(in *api.Instance) { in.Status = st })
+	if err != nil {
+		return err
 	}
+	writeJSON(w, http.StatusOK, in)
+	return nil
 }
 
 // --- registrations ---

@@ -32,30 +32,15 @@ func (s *Server) stopInstance(w http.ResponseWriter, r *http.Request) error {
 		}
 		grace = d
 	}
-	ctx := r.Context()
-	for {
-		var in api.Instance
-		rev, err := s.st.Get(ctx, keyInstances+id, &in)
-		if errors.Is(err, store.ErrNotFound) {
-			return notFound("instance", id)
-		}
-		if err != nil {
-			return err
-		}
+	in, err := s.updateInstance(r.Context(), id, func(in *api.Instance) {
 		in.DesiredState = api.DesiredStopped
 		in.StopGrace = api.Duration(grace)
-		in.UpdatedAt = time.Now().UTC()
-		newRev, err := s.st.Put(ctx, keyInstances+id, in, rev)
-		if errors.Is(err, store.ErrConflict) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		in.Revision = newRev
-		writeJSON(w, http.StatusOK, in)
-		return nil
+	})
+	if err != nil {
+		return err
 	}
+	writeJSON(w, http.StatusOK, in)
+	return nil
 }
 
 // removeInstance deletes an instance; its agent removes the container. A
