@@ -32,7 +32,7 @@ rm -rf "$state/data"   # each demo starts from a fresh berth
 mkdir -p "$state"
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
-"$berth" dev --data-dir "$state/data" --api-addr "$BERTH_ADDR" >"$state/dev.out" 2>"$state/dev.log" &
+"$berth" dev --data-dir "$state/data" --api-addr "$BERTH_ADDR" --dns-addr 127.0.0.1:5353 >"$state/dev.out" 2>"$state/dev.log" &
 echo $! >"$state/dev.pid"
 for _ in $(seq 200); do
   grep -q "ready in" "$state/dev.out" 2>/dev/null && break
@@ -64,6 +64,12 @@ step "berth network inspect demo"
 "$berth" network inspect demo
 step "berth exec $id -- wget -q -O - http://$otherip:8080/index.html   (one instance calls the other over the demo network)"
 "$berth" exec "$id" -- wget -q -O - "http://$otherip:8080/index.html"; echo
+step "berth discover hello   (every running instance is an endpoint)"
+"$berth" discover hello
+step "dig @127.0.0.1 -p 5353 +short hello.svc.berth   (berth's DNS)"
+dig @127.0.0.1 -p 5353 +short hello.svc.berth || true
+step "berth exec $id -- nslookup hello.svc.berth   (containers resolve names through their network's gateway)"
+"$berth" exec "$id" -- nslookup hello.svc.berth || true
 step "berth logs $id"
 "$berth" logs "$id"
 step "berth exec $id -- wget -q -O - http://127.0.0.1:8080/index.html"

@@ -411,7 +411,11 @@ func discoverCmd(g *globals) *cobra.Command {
 						if ep.External {
 							net = "(external)"
 						}
-						row(tw, ep.ID, ep.Address, ep.Port, orDash(net), orDash(ep.Node), ep.Health)
+						port := "-"
+						if ep.Port != 0 {
+							port = strconv.Itoa(ep.Port)
+						}
+						row(tw, ep.ID, ep.Address, port, orDash(net), orDash(ep.Node), ep.Health)
 					}
 				})
 			})
