@@ -1,8 +1,10 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -182,4 +184,67 @@ func TestHealthCheckStartsFailing(t *testing.T) {
 	eventually(t, 5*time.Second, "passing again", func() (bool, string) {
 		return healthyIDs()[victim], ""
 	})
+}
+
+// TestDiscovererFailover: a client calling a service through the Go
+// client's Discoverer while one of its instances dies sees no failed call:
+// the failed call is retried on another instance, and the dead one leaves
+// the client's view.
+func TestDiscovererFailover(t *testing.T) {
+	testhost.SkipIfUnsupported(t)
+	h := testhost.New(t)
+	b := startDevRuntime(t, h, t.TempDir())
+	importTestImage(t, b)
+	spec := filepath.Join(t.TempDir(), "web.json")
+	os.WriteFile(spec, []byte(fmt.Sprintf(`{"name":"web","image":%q,"replicas":3,"command":["httpd","-f","-p","8080","-h","/www"],
+		"ports":[{"name":"http","port":8080}],"restart":{"policy":"never"}}`, testImage)), 0o644)
+	b.mustCLI("apply", "-f", spec)
+	ins := b.waitInstances("web", 3, 30*time.Second, "3 running", running)
+
+	ctx := ctxT(t)
+	d, err := b.client().NewDiscoverer(ctx, "web", client.DiscovererOptions{Balancer: client.RoundRobin, Port: "http"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	eventually(t, 5*time.Second, "3 endpoints in the client's view", func() (bool, string) {
+		return len(d.Endpoints()) == 3, fmt.Sprint(d.Endpoints())
+	})
+	hc := h.HTTPClient()
+	hc.Timeout = time.Second
+	call := func(ctx context.Context, ep api.Endpoint) error {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+d.Addr(ep)+"/index.html", nil)
+		resp, err := hc.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return nil
+	}
+	calls, failed := 0, 0
+	deadline := time.Now().Add(3 * time.Second)
+	killed := false
+	for time.Now().Before(deadline) {
+		if !killed && time.Until(deadline) < 2*time.Second {
+			killContainer(t, ins[0].ID)
+			killed = true
+		}
+		calls++
+		if err := d.Do(ctx, call); err != nil {
+			failed++
+			t.Logf("call %d failed: %v", calls, err)
+		}
+	}
+	if failed != 0 {
+		t.Fatalf("%d of %d calls failed while an instance died", failed, calls)
+	}
+	for _, ep := range d.Endpoints() {
+		if ep.ID == ins[0].ID {
+			t.Fatalf("the dead instance is still in the client's view")
+		}
+	}
+	t.Logf("%d calls through the Discoverer, none failed, while %s died", calls, ins[0].ID)
 }
