@@ -377,26 +377,7 @@ func discoverCmd(g *globals) *cobra.Command {
 			o.Meta = m
 			if watch {
 				return g.callLong(func(ctx context.Context, c *client.Client) error {
-					s, err := c.Watch(ctx, client.DiscoveryPath(args[0], o), 0)
-					if err != nil {
-						return err
-					}
-					defer s.Close()
-					enc := json.NewEncoder(g.stdout)
-					for {
-						ev, err := s.Next()
-						if err != nil {
-							if ctx.Err() != nil {
-								return nil
-							}
-							return err
-						}
-						if ev.Type != api.EventBookmark {
-							if err := enc.Encode(ev); err != nil {
-								return err
-							}
-						}
-					}
+					return g.printStream(ctx, c, client.DiscoveryPath(args[0], o), 0, false)
 				})
 			}
 			return g.call(func(ctx context.Context, c *client.Client) error {
@@ -439,31 +420,36 @@ func watchCmd(g *globals) *cobra.Command {
 			if !ok {
 				return fmt.Errorf("cannot watch %q: choose nodes, networks, services, instances or registrations", args[0])
 			}
-			c, err := g.client()
-			if err != nil {
-				return err
-			}
-			ctx, stop := signalContext()
-			defer stop()
-			s, err := c.Watch(ctx, p, from)
-			if err != nil {
-				return err
-			}
-			defer s.Close()
-			enc := json.NewEncoder(g.stdout)
-			for {
-				ev, err := s.Next()
-				if err != nil {
-					if ctx.Err() != nil {
-						return nil
-					}
-					return err
-				}
-				if err := enc.Encode(ev); err != nil {
-					return err
-				}
-			}
+			return g.callLong(func(ctx context.Context, c *client.Client) error {
+				return g.printStream(ctx, c, p, from, true)
+			})
 		}}
 	cmd.Flags().Int64Var(&from, "revision", 0, "resume after this revision (default: start with the current objects)")
 	return cmd
+}
+
+// printStream prints a watch stream's events as JSON lines until the
+// command is interrupted (bookmarks only when asked for).
+func (g *globals) printStream(ctx context.Context, c *client.Client, path string, from int64, bookmarks bool) error {
+	s, err := c.Watch(ctx, path, from)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	enc := json.NewEncoder(g.stdout)
+	for {
+		ev, err := s.Next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		if ev.Type == api.EventBookmark && !bookmarks {
+			continue
+		}
+		if err := enc.Encode(ev); err != nil {
+			return err
+		}
+	}
 }
