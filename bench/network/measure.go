@@ -221,17 +221,9 @@ func (e *env) rtt(ctx context.Context, p pair, tag string, n int, dialFor time.D
 	defer cancel()
 	cmd := nsCommand(cctx, p.client, exe, cmdRTTClient, net.JoinHostPort(p.serverIP, rttPort),
 		strconv.Itoa(n), strconv.Itoa(rttWarmup), dialFor.String())
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	e.procs.add(cmd)
-	out, err := cmd.Output()
-	e.procs.remove(cmd)
-	if err != nil {
-		return rttResult{}, fmt.Errorf("ping-pong: %v %s", err, strings.TrimSpace(stderr.String()))
-	}
 	var r rttResult
-	if err := json.Unmarshal(out, &r); err != nil {
-		return rttResult{}, fmt.Errorf("ping-pong output %q: %v", out, err)
+	if err := e.runJSON(cmd, "ping-pong", &r); err != nil {
+		return rttResult{}, err
 	}
 	return r, nil
 }
@@ -339,4 +331,21 @@ func pct(sorted []time.Duration, p float64) time.Duration {
 	}
 	i := int(math.Ceil(float64(len(sorted))*p/100)) - 1
 	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+// runJSON runs a helper (this binary re-executed in a namespace), tracked
+// for cleanup, and decodes the JSON it prints into out.
+func (e *env) runJSON(cmd *exec.Cmd, what string, out any) error {
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	e.procs.add(cmd)
+	b, err := cmd.Output()
+	e.procs.remove(cmd)
+	if err != nil {
+		return fmt.Errorf("%s: %v %s", what, err, strings.TrimSpace(stderr.String()))
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		return fmt.Errorf("%s output %q: %v", what, b, err)
+	}
+	return nil
 }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"sort"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/berth-dev/berth/api"
@@ -38,17 +37,9 @@ func (e *env) setupBench(ctx context.Context) (setupTimes, error) {
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	cmd := nsCommand(cctx, e.l.nsPath("s"), exe, cmdSetup, e.l.setupData, e.l.setupRun, strconv.Itoa(e.o.setups))
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	e.procs.add(cmd)
-	out, err := cmd.Output()
-	e.procs.remove(cmd)
-	if err != nil {
-		return setupTimes{}, fmt.Errorf("setup helper: %v %s", err, strings.TrimSpace(stderr.String()))
-	}
 	var t setupTimes
-	if err := json.Unmarshal(out, &t); err != nil {
-		return setupTimes{}, fmt.Errorf("setup helper output %q: %v", out, err)
+	if err := e.runJSON(cmd, "setup helper", &t); err != nil {
+		return setupTimes{}, err
 	}
 	sort.Slice(t.Setup, func(i, j int) bool { return t.Setup[i] < t.Setup[j] })
 	sort.Slice(t.Teardown, func(i, j int) bool { return t.Teardown[i] < t.Teardown[j] })
