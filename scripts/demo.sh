@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Brings up berth on this machine (berth dev: server, embedded etcd and an
 # agent, on loopback) and runs the demo end to end. Leaves berth running;
-# `scripts/demo.sh stop` stops it.
+# `scripts/demo.sh stop` stops it and removes its containers and data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -19,9 +19,13 @@ stop() {
     fi
     rm -f "$state/dev.pid"
   fi
-  # Containers and the runtime outlive berth by design; the demo removes them.
+  # Containers and the runtime outlive berth by design; the demo removes them,
+  # then its data (the log stays in .berth/dev.log).
   if [ -d "$state/data" ] && [ -x "$berth" ]; then
     "$berth" agent cleanup --data-dir "$state/data" >/dev/null && echo "demo containers and runtime removed"
+    if ! grep -q " $state/data" /proc/self/mountinfo; then
+      rm -rf "$state/data" "$state/demo-image.tar"
+    fi
   fi
 }
 if [ "${1:-}" = stop ]; then stop; exit 0; fi
@@ -80,6 +84,42 @@ step berth apply -f examples/web.yaml
 "$berth" apply -f examples/web.yaml
 step berth service ls
 "$berth" service ls
+
+# Discovery of web (examples/web.yaml): 3 instances behind an HTTP check.
+for _ in $(seq 150); do
+  [ "$("$berth" discover web --healthy -o json | grep -c '^    "id": ')" -ge 3 ] && break
+  sleep 0.2
+done
+step "berth discover web --healthy   (the instances passing their HTTP check)"
+"$berth" discover web --healthy
+step "go run ./examples/client web   (the Go client's Discoverer: round robin over web's healthy instances)"
+go run ./examples/client web
+step "curl 'http://$BERTH_ADDR/v1/prometheus/targets?service=web'   (Prometheus's HTTP service discovery)"
+curl -s "http://$BERTH_ADDR/v1/prometheus/targets?service=web" | sed 's/},{"targets"/},\n{"targets"/g'
+victim=$("$berth" discover web --healthy -o json | sed -n 's/^    "id": "\(.*\)",$/\1/p' | head -1)
+victimip=$("$berth" inspect "$victim" -o json | sed -n 's/^        "ip": "\(.*\)"$/\1/p' | head -1)
+step "kill -9 \$(cat /sys/fs/cgroup/pids/berth/$victim/cgroup.procs)   (the processes of $victim die)"
+kill -9 $(cat "/sys/fs/cgroup/pids/berth/$victim/cgroup.procs")
+for _ in $(seq 50); do
+  "$berth" discover web --healthy -o json | grep -q "\"$victim\"" || break
+  sleep 0.1
+done
+step "berth discover web   ($victim is critical at once: out of the healthy view, DNS and the clients)"
+"$berth" discover web
+step "dig @127.0.0.1 -p 5353 +short web.svc.berth   (no $victimip)"
+dig @127.0.0.1 -p 5353 +short web.svc.berth || true
+step "go run ./examples/client web   (the client only calls the live instances)"
+go run ./examples/client web
+# Its restart policy (always) starts it again after a back-off; its check
+# then passes and it is back in every view.
+for _ in $(seq 150); do
+  "$berth" discover web --healthy -o json | grep -q "\"$victim\"" && break
+  sleep 0.2
+done
+step "berth ps   ($victim restarted by its policy: RESTARTS 1, same address)"
+"$berth" ps
+step "dig @127.0.0.1 -p 5353 +short web.svc.berth   ($victimip is back)"
+dig @127.0.0.1 -p 5353 +short web.svc.berth || true
 step "berth apply -f - (a bad spec is refused, naming the field)"
 printf 'name: web\nimage: busybox:1\nreplicas: -1\n' | "$berth" apply -f - || true
 

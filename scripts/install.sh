@@ -36,6 +36,7 @@ command -v iptables >/dev/null || need+=(iptables)               # portmap's rul
 command -v nft >/dev/null || need+=(nftables)                    # to inspect berth's table
 command -v iperf3 >/dev/null || need+=(iperf3)                   # network benchmarks
 command -v dig >/dev/null || need+=(bind9-dnsutils)              # DNS tests
+command -v prometheus >/dev/null || need+=(prometheus)           # e2e: a stock Prometheus discovers berth's services
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "install: run as root to install ${need[*]}" >&2

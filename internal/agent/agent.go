@@ -55,6 +55,7 @@ type Agent struct {
 	net       *network.Manager
 	dns       *gatewayDNS
 	agentAddr string
+	checks    ttlChecks // instances' health monitors, for TTL updates (check.go)
 }
 
 // New returns an agent; missing name, address and TTL are filled from the machine.

@@ -40,11 +40,12 @@ func toAPI(imgs []runtime.Image) []api.Image {
 }
 
 // handler serves the agent's own endpoints, which the server proxies to:
-// logs, exec and images of this node.
+// logs, exec, TTL check updates and images of this node.
 func (a *Agent) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/agent/instances/{id}/logs", a.serveLogs)
 	mux.HandleFunc("POST /v1/agent/instances/{id}/exec", a.serveExec)
+	mux.HandleFunc("PUT /v1/agent/instances/{id}/check", a.serveCheck)
 	mux.HandleFunc("GET /v1/agent/images", func(w http.ResponseWriter, r *http.Request) {
 		imgs, err := a.rt.Images(r.Context())
 		if err != nil {

@@ -537,6 +537,7 @@ func (w *worker) startCheck(ctx context.Context) {
 		w.m.a.log.Info("agent: health", "instance", w.id, "state", state, "output", output)
 		w.poke()
 	})
+	w.m.a.checks.set(w.id, mon)
 	w.m.wg.Add(1)
 	go func() {
 		defer w.m.wg.Done()
@@ -548,6 +549,7 @@ func (w *worker) stopCheck() {
 	if w.checkStop != nil {
 		w.checkStop()
 		w.checkStop = nil
+		w.m.a.checks.set(w.id, nil)
 	}
 }
 

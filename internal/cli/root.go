@@ -74,6 +74,7 @@ func newRoot(g *globals) *cobra.Command {
 	root.AddCommand(devCmd(g), serverCmd(g), agentCmd(g),
 		nodeCmd(g), networkCmd(g), serviceCmd(g), applyCmd(g), watchCmd(g), registryCmd(g),
 		imageCmd(g), runCmd(g), scaleCmd(g), rolloutCmd(g), discoverCmd(g), psCmd(g), inspectCmd(g), logsCmd(g), execCmd(g), stopCmd(g), rmCmd(g))
+	root.AddCommand(checkCmd(g))
 	return root
 }
 

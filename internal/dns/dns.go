@@ -62,7 +62,8 @@ type Source interface {
 	// Endpoints returns a service's endpoints; known is false when no such
 	// service exists at all. It is called once per query that names a
 	// service, from many goroutines at once, so it must be cheap and safe
-	// for concurrent use. The handler does not modify the slice.
+	// for concurrent use. The handler modifies neither the slice nor the
+	// endpoints, so a source may hand the same slice to every query.
 	Endpoints(service string) (eps []api.Endpoint, known bool)
 }
 

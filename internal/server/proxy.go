@@ -227,6 +227,41 @@ func callAgent(ctx context.Context, method, u string, body io.Reader) ([]api.Ima
 	return imgs, nil
 }
 
+// callAgentJSON sends in as JSON to an agent endpoint and decodes its
+// answer into out (when not nil); an agent's error comes back as the API
+// error it answered with.
+func callAgentJSON(ctx context.Context, method, u string, in, out any) error {
+	b, err := json.Marshal(in)
+	if err != nil {
+		return fmt.Errorf("encode the request to the agent: %w", err)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, bytes.NewReader(b))
+	if err != nil {
+		return apiError(http.StatusInternalServerError, api.CodeInternal, "%v", err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := agentClient.Do(req)
+	if err != nil {
+		return apiError(http.StatusBadGateway, api.CodeInternal, "agent: %v", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode >= 400 {
+		ae := &api.Error{}
+		if json.Unmarshal(body, ae) != nil || ae.Message == "" {
+			ae = apiError(resp.StatusCode, api.CodeInternal, "agent: %s", bytes.TrimSpace(body))
+		}
+		ae.Status = resp.StatusCode
+		return ae
+	}
+	if out != nil {
+		if err := json.Unmarshal(body, out); err != nil {
+			return apiError(http.StatusBadGateway, api.CodeInternal, "agent answer: %v", err)
+		}
+	}
+	return nil
+}
+
 // maxImageBytes bounds an uploaded image archive.
 const maxImageBytes = 4 << 30
 

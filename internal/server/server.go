@@ -57,6 +57,8 @@ type Server struct {
 
 	hbMu       sync.Mutex
 	heartbeats map[string]time.Time // last heartbeat seen by this server, per node
+
+	regIndex *registryIndex // discovery's per-service view of the cache
 }
 
 // New returns a server over st. Run must be called to fill its cache and
@@ -73,7 +75,7 @@ func New(st *store.Store, log *slog.Logger, opts Options) *Server {
 		opts.ID = fmt.Sprintf("%s-%d", h, os.Getpid())
 	}
 	return &Server{st: st, cache: cache.New(st, store.Prefix, log), log: log, opts: opts,
-		heartbeats: map[string]time.Time{}}
+		heartbeats: map[string]time.Time{}, regIndex: &registryIndex{}}
 }
 
 // Ready is closed once the server can answer watches.
@@ -220,8 +222,10 @@ func (s *Server) Handler() http.Handler {
 	h("DELETE /v1/instances/{id}", s.removeInstance)
 	h("GET /v1/instances/{id}/logs", s.proxyInstance("logs"))
 	h("POST /v1/instances/{id}/exec", s.proxyInstance("exec"))
+	h("PUT /v1/instances/{id}/check", s.putInstanceCheck)
 
 	h("GET /v1/discovery/{name}", s.discover)
+	h("GET /v1/prometheus/targets", s.prometheusTargets)
 
 	h("GET /v1/images", s.listImages)
 	h("POST /v1/images/import", s.importImage)
