@@ -38,6 +38,11 @@ func main() {
 	nSvc := flag.Int("services", 1000, "number of services")
 	seed := flag.Uint64("seed", 1, "seed of the cluster, the services and the scheduler")
 	single := flag.Bool("single", false, "place with one Place call per instance instead of one PlaceN per service")
+	e2e := flag.Bool("e2e", true, "also run the end-to-end part: a real berth server and simulated nodes")
+	bin := flag.String("berth", "", "berth binary for the end-to-end part (default: build it)")
+	e2eNodes := flag.Int("e2e-nodes", 5000, "simulated nodes of the end-to-end part")
+	e2eInst := flag.Int("e2e-instances", 100000, "instances of the end-to-end part")
+	e2eSvc := flag.Int("e2e-services", 1000, "services of the end-to-end part")
 	flag.BoolVar(&verbose, "v", false, "print the explanation of every service with unplaceable replicas, and spread outliers")
 	flag.Parse()
 	if *nNodes <= 0 || *nInst <= 0 || *nSvc <= 0 {
@@ -56,6 +61,13 @@ func main() {
 			svcs[i].req.Strategy = strategy
 		}
 		run(strategy, nodes, svcs, hasNet, *seed, *single)
+	}
+	if *e2e {
+		fmt.Println()
+		if err := endToEnd(*bin, *e2eNodes, *e2eInst, *e2eSvc, *seed); err != nil {
+			fmt.Fprintln(os.Stderr, "end to end:", err)
+			os.Exit(1)
+		}
 	}
 }
 

@@ -25,7 +25,7 @@ var ErrGone = errors.New("revision is too old: list again and watch from the lis
 type Event = store.Event
 
 // DefaultRingSize is how many recent events are kept for watchers to resume.
-const DefaultRingSize = 50000
+const DefaultRingSize = 100000
 
 // Cache mirrors the store under one prefix.
 type Cache struct {
@@ -162,6 +162,14 @@ func (c *Cache) Snapshot(prefix string) ([]Event, int64) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
 	return out, c.rev
+}
+
+// Get returns the current value of one key.
+func (c *Cache) Get(key string) (Event, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ev, ok := c.objects[key]
+	return ev, ok
 }
 
 // Since returns the events under prefix with revision > after, the revision

@@ -131,6 +131,8 @@ func serverCmd(g *globals) *cobra.Command {
 func agentCmd(g *globals) *cobra.Command {
 	var serverAddr, agentDataDir string
 	var af agentFlags
+	var simulate int
+	var simPrefix string
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run a berth agent for this machine, joined to a server",
@@ -143,6 +145,9 @@ func agentCmd(g *globals) *cobra.Command {
 			if serverAddr == "" {
 				serverAddr = g.addr
 			}
+			if simulate > 0 {
+				return runSimulated(g, serverAddr, simulate, simPrefix, af)
+			}
 			acfg.DataDir = agentDataDir
 			ctx, stop := signalContext()
 			defer stop()
@@ -151,6 +156,8 @@ func agentCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().StringVar(&serverAddr, "server", "", "the server's API address (default: --addr)")
 	cmd.Flags().StringVar(&agentDataDir, "data-dir", "/var/lib/berth", "where the agent keeps its runtime, logs and instance files")
+	cmd.Flags().IntVar(&simulate, "simulate", 0, "FOR TESTS AND BENCHMARKS ONLY: run N simulated nodes whose fake runtime reports instances running at once (nothing is run)")
+	cmd.Flags().StringVar(&simPrefix, "simulate-prefix", "sim-", "name prefix of the simulated nodes")
 	af.add(cmd)
 	cmd.AddCommand(agentCleanupCmd(g))
 	return cmd

@@ -34,6 +34,7 @@ type globals struct {
 // Main runs the command line with args and returns the process exit code.
 func Main(args []string, stdout, stderr io.Writer) int {
 	g := &globals{stdout: stdout, stderr: stderr}
+	defer startProfile(stderr)()
 	root := newRoot(g)
 	root.SetArgs(args)
 	root.SetOut(stdout)

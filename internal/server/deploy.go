@@ -3,12 +3,10 @@ package server
 import (
 	"context"
 	"crypto/rand"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"reflect"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/berth-dev/berth/api"
@@ -16,111 +14,136 @@ import (
 	"github.com/berth-dev/berth/internal/store"
 )
 
+// How often services waiting on time (a rollout's health deadline, a node's
+// down grace) are looked at again, and how often everything is.
+const (
+	recheckEvery = time.Second
+	resyncEvery  = 30 * time.Second
+)
+
 // runDeployments keeps each service's instances as its spec says: the
-// replica count, the spec's generation, and a node for each. It reacts to
-// every change of services, instances and nodes, and reconciles every few
-// seconds as a safety net. Placement is the scheduler's, over a snapshot of
-// the cluster built once per pass.
+// replica count, the spec's generation, and a node for each. It keeps a
+// decoded copy of the cluster current from the cache's events and, after
+// each batch of events, reconciles only the services they touched; services
+// waiting on time are looked at again every second and all of them every
+// half minute as a safety net. Placement is the scheduler's, over a
+// snapshot adjusted by every change; the pass's writes are batched.
 func (s *Server) runDeployments(ctx context.Context) {
-	cursor := s.cache.Revision()
-	s.reconcileAll(ctx)
-	tick := time.NewTicker(time.Second)
+	st := newDeployState()
+	snap, cursor := s.cache.Snapshot(store.Prefix)
+	st.load(snap)
+	waiting := map[string]struct{}{}
+	tick := time.NewTicker(recheckEvery)
 	defer tick.Stop()
+	lastResync := time.Now()
 	for ctx.Err() == nil {
 		evs, cur, wait, err := s.cache.Since(cursor, store.Prefix)
 		if err != nil {
-			cursor = s.cache.Revision()
-			s.reconcileAll(ctx)
-			continue
+			s.log.Info("deployments: fell behind the cache's events; reloading", "err", err)
+			snap, cursor = s.cache.Snapshot(store.Prefix)
+			st.load(snap)
+		} else {
+			cursor = cur
+			for _, ev := range evs {
+				st.apply(ev)
+			}
 		}
-		cursor = cur
-		if relevant(evs) {
-			s.reconcileAll(ctx)
+		if len(st.dirty) > 0 || st.nodesChanged || st.netsChanged {
+			rev := s.reconcile(ctx, st, waiting)
+			if rev > 0 {
+				// Let the cache catch up with the pass's own writes, so the
+				// next pass never acts on a state older than them.
+				wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				_ = s.cache.WaitFor(wctx, rev)
+				cancel()
+				continue
+			}
 		}
 		select {
 		case <-ctx.Done():
 		case <-wait:
 		case <-tick.C:
-			s.reconcileAll(ctx)
+			if time.Since(lastResync) >= resyncEvery {
+				lastResync = time.Now()
+				st.markAll()
+				st.nodesChanged = false // no need to rebuild the snapshot
+			}
+			for name := range waiting {
+				st.dirty[name] = struct{}{}
+			}
 		}
 	}
 }
 
-// relevant reports whether any event touches what the controller reads:
-// services, nodes and instances (status reports change services' counts).
-func relevant(evs []storeEvent) bool {
-	for _, e := range evs {
-		if strings.HasPrefix(e.Key, keyServices) || strings.HasPrefix(e.Key, keyNodes) || strings.HasPrefix(e.Key, keyInstances) ||
-			strings.HasPrefix(e.Key, keyNetworks) {
-			return true
-		}
-	}
-	return false
+// deployPass is one reconciliation of the dirty services.
+type deployPass struct {
+	st   *deployState
+	b    *writeBatch
+	wait bool // the service just reconciled waits on time: look again soon
 }
 
-type storeEvent = store.Event
-
-func (s *Server) reconcileAll(ctx context.Context) {
-	snap, _ := s.cache.Snapshot(store.Prefix)
-	services := map[string]api.Service{}
-	byService := map[string][]api.Instance{}
-	var nodes []api.Node
-	var networks []api.Network
-	for _, ev := range snap {
-		switch {
-		case strings.HasPrefix(ev.Key, keyServices):
-			var svc api.Service
-			if json.Unmarshal(ev.Value, &svc) == nil {
-				svc.Revision = ev.Revision
-				services[svc.Name] = svc
+// reconcile reconciles the dirty services and returns the highest revision
+// it wrote (0: none).
+func (s *Server) reconcile(ctx context.Context, st *deployState, waiting map[string]struct{}) int64 {
+	if st.nodesChanged {
+		s.log.Debug("deployments: nodes changed; rebuilding the placement snapshot", "nodes", len(st.nodes), "instances", len(st.instances))
+		st.rebuild()
+		st.markAll()
+	}
+	if st.nodesChanged || st.netsChanged {
+		s.reconcileOverlays(ctx, st.networkList(), st.nodeList())
+	}
+	st.nodesChanged, st.netsChanged = false, false
+	p := &deployPass{st: st, b: newWriteBatch(s.st)}
+	dirty := st.dirty
+	st.dirty = map[string]struct{}{}
+	for name := range dirty {
+		delete(waiting, name)
+		svc, ok := st.services[name]
+		if !ok {
+			for _, in := range st.instancesOf(name) {
+				p.deleteInstance(in)
 			}
-		case strings.HasPrefix(ev.Key, keyInstances):
-			var in api.Instance
-			if json.Unmarshal(ev.Value, &in) == nil {
-				in.Revision = ev.Revision
-				byService[in.Service] = append(byService[in.Service], in)
-			}
-		case strings.HasPrefix(ev.Key, keyNodes):
-			var n api.Node
-			if json.Unmarshal(ev.Value, &n) == nil {
-				nodes = append(nodes, n)
-			}
-		case strings.HasPrefix(ev.Key, keyNetworks):
-			var n api.Network
-			if json.Unmarshal(ev.Value, &n) == nil {
-				n.Revision = ev.Revision
-				networks = append(networks, n)
-			}
+			continue
 		}
-	}
-	s.reconcileOverlays(ctx, networks, nodes)
-	var all []api.Instance
-	for _, list := range byService {
-		all = append(all, list...)
-	}
-	placer := scheduler.NewSnapshot(nodes, all)
-	nodeByName := map[string]api.Node{}
-	for _, n := range nodes {
-		nodeByName[n.Name] = n
-	}
-	for name, list := range byService {
-		if _, ok := services[name]; !ok {
-			for _, in := range list {
-				s.deleteInstance(ctx, in)
-			}
-		}
-	}
-	for _, svc := range services {
-		if err := s.reconcileService(ctx, svc, byService[svc.Name], nodeByName, placer); err != nil && ctx.Err() == nil {
+		p.wait = false
+		if err := s.reconcileService(ctx, p, svc, st.instancesOf(name)); err != nil && ctx.Err() == nil {
 			s.log.Warn("deployments: reconcile", "service", svc.Name, "err", err)
+			p.wait = true
+		}
+		if p.wait {
+			waiting[name] = struct{}{}
 		}
 	}
+	rev, err := p.b.flush(ctx)
+	if err != nil && ctx.Err() == nil {
+		s.log.Warn("deployments: write", "err", err)
+	}
+	return rev
 }
 
-func (s *Server) deleteInstance(ctx context.Context, in api.Instance) {
-	if _, err := s.st.Delete(ctx, keyInstances+in.ID, in.Revision); err != nil && !errors.Is(err, store.ErrConflict) && !errors.Is(err, store.ErrNotFound) {
-		s.log.Warn("deployments: delete instance", "instance", in.ID, "err", err)
+// deleteInstance removes an instance and gives back what it holds; if the
+// delete does not land, what the instance holds is counted again.
+func (p *deployPass) deleteInstance(in api.Instance) {
+	p.st.unreserve(in.ID)
+	p.b.del(keyInstances+in.ID, in.Revision, func() {
+		if cur, ok := p.st.instances[in.ID]; ok {
+			p.st.account(cur)
+		}
+	})
+}
+
+// put writes an instance (placed on node with req, when node is set).
+func (p *deployPass) put(in api.Instance, expect int64, node string, req scheduler.Request) {
+	if node != "" {
+		p.st.placed(in.ID, node, req)
 	}
+	p.b.put(keyInstances+in.ID, in, expect, func() {
+		p.st.unreserve(in.ID)
+		if cur, ok := p.st.instances[in.ID]; ok {
+			p.st.account(cur)
+		}
+	})
 }
 
 // inPlace reports whether two specs differ only in what running instances
@@ -143,7 +166,23 @@ func (s *Server) nodeLost(n api.Node, ok bool) bool {
 	return n.Status.State == api.NodeDown && time.Since(n.UpdatedAt) > s.opts.NodeDownGrace
 }
 
-func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []api.Instance, nodes map[string]api.Node, snap *scheduler.Snapshot) error {
+// fitsAfterResize reports whether an instance's node still has room for it
+// with new resources (what it holds now given back first).
+func (p *deployPass) fitsAfterResize(in api.Instance, res api.Resources) bool {
+	used, alloc, ok := p.st.snap.Usage(in.Node)
+	if !ok {
+		return false
+	}
+	if r, had := p.st.acct[in.ID]; had {
+		used.CPU -= r.req.Resources.CPU
+		used.Memory -= r.req.Resources.Memory
+	}
+	return used.CPU+res.CPU <= alloc.CPU && used.Memory+res.Memory <= alloc.Memory
+}
+
+func (s *Server) reconcileService(ctx context.Context, p *deployPass, svc api.Service, list []api.Instance) error {
+	nodes := p.st.nodes
+	snap := p.st.snap
 	want := 1
 	if svc.Spec.Replicas != nil {
 		want = *svc.Spec.Replicas
@@ -152,61 +191,76 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 	if err != nil {
 		return err
 	}
-	release := func(in api.Instance) {
-		if in.Node != "" {
-			r := req
-			r.Resources = api.Resources{CPU: in.Resources.CPU, Memory: in.Resources.Memory}
-			snap.Release(in.Node, r)
-		}
-	}
 	var live, old []api.Instance
 	for _, in := range list {
 		if in.DesiredState != api.DesiredRunning {
 			continue // stopped on request: kept for inspection, not counted
 		}
 		if in.Node != "" {
-			if n, ok := nodes[in.Node]; s.nodeLost(n, ok) {
+			n, ok := nodes[in.Node]
+			if s.nodeLost(n, ok) {
 				// Replaced elsewhere; when the node comes back its agent
 				// no longer sees the instance and removes its container.
 				s.log.Warn("deployments: node lost; replacing its instance", "instance", in.ID, "node", in.Node)
-				s.deleteInstance(ctx, in)
-				release(in)
+				p.deleteInstance(in)
 				continue
+			}
+			if n.Status.State == api.NodeDown {
+				p.wait = true // replaced when the grace runs out
 			}
 		}
 		if in.Generation != svc.Generation {
 			// An older generation: take in place what can be, replace otherwise.
 			prev, ok := svc.SpecOf(in.Generation)
-			if ok && inPlace(prev, svc.Spec) {
+			newRes := api.Resources{CPU: svc.Spec.Resources.CPU, Memory: svc.Spec.Resources.Memory}
+			if ok && inPlace(prev, svc.Spec) && (in.Node == "" || p.fitsAfterResize(in, newRes)) {
+				rev := in.Revision
 				in.Generation = svc.Generation
 				in.Resources = svc.Spec.Resources
 				in.UpdatedAt = time.Now().UTC()
-				rev := in.Revision
 				in.Revision = 0
-				if _, err := s.st.Put(ctx, keyInstances+in.ID, in, rev); err != nil && !errors.Is(err, store.ErrConflict) {
-					return err
+				if in.Node != "" {
+					// Hold the new resources at once.
+					p.st.unreserve(in.ID)
+					r := req
+					r.Resources = newRes
+					if snap.Reserve(in.Node, r) {
+						p.put(in, rev, in.Node, r)
+					} else {
+						p.put(in, rev, "", r)
+					}
+				} else {
+					p.put(in, rev, "", req)
 				}
 				live = append(live, in)
 				continue
 			}
-			old = append(old, in) // replaced step by step by the rollout
+			// Replaced step by step by the rollout: a new spec, or new
+			// resources its node has no room for (the instance moves).
+			old = append(old, in)
 			continue
 		}
 		live = append(live, in)
 	}
 	if len(old) > 0 || (svc.Status.Rollout == api.RolloutProgressing && len(live) <= want) {
-		done, err := s.rollout(ctx, svc, old, live, want, req, snap, release)
+		done, err := s.rollout(ctx, p, svc, old, live, want, req)
 		if err != nil || !done {
+			p.wait = true
 			return err
 		}
 	}
-	// Scale down: the newest go first.
-	sort.Slice(live, func(i, j int) bool { return live[i].CreatedAt.Before(live[j].CreatedAt) })
+	// Scale down: the unhealthiest, then the newest, go first.
+	sort.SliceStable(live, func(i, j int) bool {
+		hi, hj := healthy(live[i]), healthy(live[j])
+		if hi != hj {
+			return hi
+		}
+		return live[i].CreatedAt.Before(live[j].CreatedAt)
+	})
 	for len(live) > want {
 		in := live[len(live)-1]
 		live = live[:len(live)-1]
-		s.deleteInstance(ctx, in)
-		release(in)
+		p.deleteInstance(in)
 	}
 	// Place pending instances, then create the missing ones.
 	for _, in := range live {
@@ -219,15 +273,13 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 		if res.Node == "" {
 			if in.Status.Message != why.String() {
 				in.Status.Reason, in.Status.Message = api.ReasonUnschedulable, why.String()
-				_, _ = s.st.Put(ctx, keyInstances+in.ID, in, rev)
+				p.put(in, rev, "", req)
 			}
 			continue
 		}
 		in.Node = res.Node
 		in.Status = api.InstanceStatus{State: api.InstancePending}
-		if _, err := s.st.Put(ctx, keyInstances+in.ID, in, rev); err != nil {
-			snap.Release(res.Node, req)
-		}
+		p.put(in, rev, res.Node, req)
 	}
 	s.updateServiceStatus(ctx, svc, live, func(st *api.ServiceStatus) {
 		ready := 0
@@ -246,35 +298,33 @@ func (s *Server) reconcileService(ctx context.Context, svc api.Service, list []a
 			}
 		}
 	})
-	for i := len(live); i < want; i++ {
-		if err := s.createInstance(ctx, svc, req, snap); err != nil {
-			return err
-		}
+	if n := want - len(live); n > 0 {
+		p.createInstances(svc, req, n)
 	}
 	return nil
 }
 
-// createInstance places and stores one new instance of the service's
+// createInstances places and stores n new instances of the service's
 // current generation (pending with an explanation when nothing fits).
-func (s *Server) createInstance(ctx context.Context, svc api.Service, req scheduler.Request, snap *scheduler.Snapshot) error {
+func (p *deployPass) createInstances(svc api.Service, req scheduler.Request, n int) {
+	results, why := p.st.snap.PlaceN(req, n)
 	now := time.Now().UTC()
-	in := api.Instance{ID: svc.Name + "-" + randomSuffix(), Service: svc.Name, Generation: svc.Generation,
-		DesiredState: api.DesiredRunning, Resources: svc.Spec.Resources, StopGrace: api.Duration(api.DefaultStopGrace),
-		Status: api.InstanceStatus{State: api.InstancePending}}
-	in.CreatedAt, in.UpdatedAt = now, now
-	res, why := snap.Place(req)
-	if res.Node != "" {
-		in.Node = res.Node
-	} else {
-		in.Status.Reason, in.Status.Message = api.ReasonUnschedulable, why.String()
-	}
-	if _, err := s.st.Put(ctx, keyInstances+in.ID, in, 0); err != nil {
-		if res.Node != "" {
-			snap.Release(res.Node, req)
+	for i := range n {
+		in := api.Instance{ID: svc.Name + "-" + randomSuffix(), Service: svc.Name, Generation: svc.Generation,
+			DesiredState: api.DesiredRunning, Resources: svc.Spec.Resources, StopGrace: api.Duration(api.DefaultStopGrace),
+			Status: api.InstanceStatus{State: api.InstancePending}}
+		in.CreatedAt, in.UpdatedAt = now, now
+		node := ""
+		if i < len(results) {
+			node = results[i].Node
 		}
-		return err
+		if node != "" {
+			in.Node = node
+		} else {
+			in.Status.Reason, in.Status.Message = api.ReasonUnschedulable, why.String()
+		}
+		p.put(in, 0, node, req)
 	}
-	return nil
 }
 
 // healthy: running and not failing its check.
@@ -288,8 +338,8 @@ func healthy(in api.Instance) bool {
 // A new instance that fails, or is not healthy within the health deadline,
 // fails the rollout; with autoRollback the last stable spec is applied
 // again. It returns done when no rollout work is left.
-func (s *Server) rollout(ctx context.Context, svc api.Service, old, cur []api.Instance, want int,
-	req scheduler.Request, snap *scheduler.Snapshot, release func(api.Instance)) (bool, error) {
+func (s *Server) rollout(ctx context.Context, p *deployPass, svc api.Service, old, cur []api.Instance, want int,
+	req scheduler.Request) (bool, error) {
 	u := svc.Spec.Update
 	surge := 1
 	if u.MaxSurge != nil {
@@ -325,19 +375,18 @@ func (s *Server) rollout(ctx context.Context, svc api.Service, old, cur []api.In
 		excess = max(excess, min(parallel, len(old))) // no room to surge: make room
 	}
 	for i := 0; i < excess && len(old) > 0; i++ {
-		s.deleteInstance(ctx, old[0])
-		release(old[0])
+		p.deleteInstance(old[0])
 		old = old[1:]
 	}
 	// Start new ones within the surge and parallelism bounds.
 	total := len(old) + len(cur)
+	create := 0
 	for n := len(starting); n < parallel && len(cur) < want && total < want+surge; n++ {
-		if err := s.createInstance(ctx, svc, req, snap); err != nil {
-			return false, err
-		}
+		create++
 		total++
 		cur = append(cur, api.Instance{})
 	}
+	p.createInstances(svc, req, create)
 	s.updateServiceStatus(ctx, svc, append(append([]api.Instance{}, old...), ready...), func(st *api.ServiceStatus) {
 		st.Updated = len(ready)
 		if st.Rollout != api.RolloutRolledBack { // a rollback clearing up stays reported as one

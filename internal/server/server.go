@@ -218,6 +218,7 @@ func (s *Server) Handler() http.Handler {
 	h("GET /v1/instances", s.listInstances)
 	h("GET /v1/instances/{id}", s.getInstance)
 	h("PUT /v1/instances/{id}/status", s.putInstanceStatus)
+	h("PUT /v1/instances/status", s.putInstanceStatuses)
 	h("POST /v1/instances/{id}/stop", s.stopInstance)
 	h("DELETE /v1/instances/{id}", s.removeInstance)
 	h("GET /v1/instances/{id}/logs", s.proxyInstance("logs"))
