@@ -120,6 +120,20 @@ step "berth ps   ($victim restarted by its policy: RESTARTS 1, same address)"
 "$berth" ps
 step "dig @127.0.0.1 -p 5353 +short web.svc.berth   ($victimip is back)"
 dig @127.0.0.1 -p 5353 +short web.svc.berth || true
+step "berth scale web 5   (horizontal scaling)"
+"$berth" scale web 5
+step "berth rollout status web   (waits until the 5 are healthy)"
+"$berth" rollout status web
+step "berth apply   (VERSION v2: a rolling update, one new instance at a time, each gated on its check)"
+sed -e 's/VERSION: v1/VERSION: v2/' -e 's/replicas: 3/replicas: 5/' examples/web.yaml | "$berth" apply -f -
+step "berth rollout status web   (progress until every instance runs generation 2)"
+"$berth" rollout status web
+step "berth rollout history web"
+"$berth" rollout history web
+step "berth scale web 2   (scale down: the unhealthiest, then the newest, go first)"
+"$berth" scale web 2
+"$berth" rollout status web
+"$berth" ps
 step "berth apply -f - (a bad spec is refused, naming the field)"
 printf 'name: web\nimage: busybox:1\nreplicas: -1\n' | "$berth" apply -f - || true
 

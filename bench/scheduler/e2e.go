@@ -245,7 +245,8 @@ func start(bin, logPath string, args ...string) (*exec.Cmd, error) {
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if dir := os.Getenv("BENCH_PROFILE_DIR"); dir != "" {
-		cmd.Env = append(os.Environ(), "BERTH_CPUPROFILE="+filepath.Join(dir, args[0]+".cpu"))
+		cmd.Env = append(os.Environ(), "BERTH_CPUPROFILE="+filepath.Join(dir, args[0]+".cpu"),
+			"BERTH_HEAPPROFILE="+filepath.Join(dir, args[0]+".heap"))
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -8,9 +8,30 @@ import (
 )
 
 // startProfile writes a CPU profile of the whole run to the file named by
-// BERTH_CPUPROFILE, when set: a diagnostic for benchmarks of the daemons.
-// The returned function ends it.
+// BERTH_CPUPROFILE, and a heap profile at the end to BERTH_HEAPPROFILE, when
+// set: diagnostics for benchmarks of the daemons. The returned function
+// ends them.
 func startProfile(stderr io.Writer) func() {
+	heap := os.Getenv("BERTH_HEAPPROFILE")
+	cpu := startCPUProfile(stderr)
+	return func() {
+		cpu()
+		if heap == "" {
+			return
+		}
+		f, err := os.Create(heap)
+		if err != nil {
+			fmt.Fprintf(stderr, "berth: BERTH_HEAPPROFILE: %v\n", err)
+			return
+		}
+		defer f.Close()
+		if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+			fmt.Fprintf(stderr, "berth: BERTH_HEAPPROFILE: %v\n", err)
+		}
+	}
+}
+
+func startCPUProfile(stderr io.Writer) func() {
 	path := os.Getenv("BERTH_CPUPROFILE")
 	if path == "" {
 		return func() {}
