@@ -46,46 +46,138 @@ func (g *gatewayDNS) closeAll() {
 		_ = s.Close()
 		delete(g.servers, k)
 	}
+	g.src.close()
 }
 
-// apiSource answers the DNS server from the server's discovery API, keeping
-// each service's answer for a second.
+// apiSource answers the DNS server from the server's discovery API: the
+// first query of a service lists its healthy endpoints and opens a watch of
+// them (a client.Discoverer), which keeps the answer current from then on,
+// so an instance that dies leaves the containers' DNS as soon as the server
+// knows, without a cache to expire. Services not queried for a while have
+// their watch closed. Whether a service with no endpoints exists at all
+// (NXDOMAIN or an empty answer) is asked at most once a second.
 type apiSource struct {
 	c *client.Client
 
-	mu    sync.Mutex
-	cache map[string]sourceEntry
+	mu     sync.Mutex
+	cache  map[string]sourceEntry
+	ctx    context.Context // owns the watches; ended by close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 }
 
 type sourceEntry struct {
-	eps   []api.Endpoint
-	known bool
-	at    time.Time
+	d        *client.Discoverer // nil: the last attempt to open it failed
+	used     time.Time          // last query
+	known    bool               // the service exists (asked when it has no endpoints)
+	knownAt  time.Time
+	failedAt time.Time
 }
 
-// sourceTTL is how long an answer from the API is reused.
-const sourceTTL = time.Second
+const (
+	// sourceKnownTTL is how long "does this service exist" is reused.
+	sourceKnownTTL = time.Second
+	// sourceIdle is how long a service's watch stays open without queries.
+	sourceIdle = 5 * time.Minute
+)
+
+func (s *apiSource) start() {
+	if s.ctx == nil {
+		s.ctx, s.cancel = context.WithCancel(context.Background())
+		s.wg.Go(s.janitor)
+	}
+}
+
+// close ends every watch.
+func (s *apiSource) close() {
+	s.mu.Lock()
+	if s.cancel != nil {
+		s.cancel()
+	}
+	entries := s.cache
+	s.cache = map[string]sourceEntry{}
+	s.mu.Unlock()
+	for _, e := range entries {
+		if e.d != nil {
+			_ = e.d.Close()
+		}
+	}
+	s.wg.Wait()
+}
+
+// janitor closes the watches of services nobody asked for lately.
+func (s *apiSource) janitor() {
+	t := time.NewTicker(sourceIdle / 5)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		var idle []*client.Discoverer
+		s.mu.Lock()
+		for name, e := range s.cache {
+			if time.Since(e.used) > sourceIdle {
+				if e.d != nil {
+					idle = append(idle, e.d)
+				}
+				delete(s.cache, name)
+			}
+		}
+		s.mu.Unlock()
+		for _, d := range idle {
+			_ = d.Close()
+		}
+	}
+}
 
 func (s *apiSource) Endpoints(service string) ([]api.Endpoint, bool) {
+	now := time.Now()
 	s.mu.Lock()
+	s.start()
 	e, ok := s.cache[service]
 	s.mu.Unlock()
-	if ok && time.Since(e.at) < sourceTTL {
-		return e.eps, e.known
+	if !ok || (e.d == nil && now.Sub(e.failedAt) > sourceKnownTTL) {
+		ctx, cancel := context.WithTimeout(s.ctx, 2*time.Second)
+		d, err := s.c.NewDiscoverer(ctx, service, client.DiscovererOptions{})
+		cancel()
+		e = sourceEntry{d: d}
+		if err != nil {
+			e.failedAt = now
+		}
+		s.mu.Lock()
+		if cur, ok := s.cache[service]; ok && cur.d != nil {
+			// Another query opened it meanwhile: keep that one.
+			if d != nil {
+				_ = d.Close()
+			}
+			e = cur
+		}
+		s.mu.Unlock()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	l, err := s.c.Discover(ctx, service, client.DiscoverOptions{})
-	if err != nil {
-		return nil, false
+	var eps []api.Endpoint
+	if e.d != nil {
+		eps = e.d.Endpoints()
 	}
-	e = sourceEntry{eps: l.Items, known: len(l.Items) > 0, at: time.Now()}
-	if !e.known {
+	e.used = now
+	if len(eps) > 0 {
+		e.known = true
+	} else if now.Sub(e.knownAt) > sourceKnownTTL {
+		ctx, cancel := context.WithTimeout(s.ctx, 2*time.Second)
 		_, err := s.c.GetService(ctx, service)
-		e.known = err == nil
+		cancel()
+		e.known, e.knownAt = err == nil, now
+		if err != nil && !client.IsNotFound(err) {
+			e.known = len(eps) > 0 // the server did not answer: say nothing exists rather than guess
+		}
 	}
 	s.mu.Lock()
-	s.cache[service] = e
+	if s.ctx.Err() == nil {
+		s.cache[service] = e
+	} else if e.d != nil {
+		_ = e.d.Close()
+	}
 	s.mu.Unlock()
-	return e.eps, e.known
+	return eps, e.known
 }
