@@ -33,6 +33,7 @@ const (
 	rowBridge
 	rowBerthBridge
 	rowVXLAN
+	rowVXLANBridged
 	rowBerthOverlay
 	nRows
 )
@@ -42,6 +43,7 @@ var rowLabels = [nRows]string{
 	"2 bare Linux bridge",
 	"3 berth bridge network (1 node)",
 	"4 bare VXLAN pair",
+	"4b bare VXLAN, bridge underlay",
 	"5 berth overlay network (2 nodes)",
 }
 
@@ -110,6 +112,7 @@ func child(o options, prefix, work string) int {
 		rows[rowVeth].p = pair{server: e.l.nsPath("v2"), client: e.l.nsPath("v1"), serverIP: vethB}
 		rows[rowBridge].p = pair{server: e.l.nsPath("b2"), client: e.l.nsPath("b1"), serverIP: bridgeB}
 		rows[rowVXLAN].p = pair{server: e.l.nsPath("x2"), client: e.l.nsPath("x1"), serverIP: vxB}
+		rows[rowVXLANBridged].p = pair{server: e.l.nsPath("y2"), client: e.l.nsPath("y1"), serverIP: vyB}
 
 		// The setup time first, on a quiet machine.
 		fmt.Fprintf(os.Stderr, "bench: network setup: %d Setup+Teardown cycles\n", o.setups)

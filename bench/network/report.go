@@ -51,6 +51,7 @@ func report(w io.Writer, o options, rows []row, setup setupTimes) {
 	fmt.Fprintln(tw, "berth vs bare\tthroughput\tRTT p50\tRTT p99\tgoal")
 	compare(tw, "berth bridge / bare bridge", rows[rowBerthBridge], rows[rowBridge], goalBridgePct)
 	compare(tw, "berth overlay / bare VXLAN", rows[rowBerthOverlay], rows[rowVXLAN], goalOverlayPct)
+	compare(tw, "berth overlay / 4b (same underlay)", rows[rowBerthOverlay], rows[rowVXLANBridged], goalOverlayPct)
 	_ = tw.Flush()
 	fmt.Fprintln(w)
 

@@ -17,6 +17,10 @@ const (
 	vxUnderA, vxUnderB = "198.19.0.1", "198.19.0.2"
 	vxA, vxB           = "10.203.0.1", "10.203.0.2"
 	vxID               = "4242"
+	// Row 4b, the same VXLAN pair over an underlay like the berth nodes'
+	// (each side's veth on a bridge in a third namespace).
+	vyUnderA, vyUnderB = "198.19.1.1", "198.19.1.2"
+	vyA, vyB           = "10.204.0.1", "10.204.0.2"
 	vxPort             = "4789"
 	// The two berth nodes on their underlay (like e2e/testhost.NewCluster).
 	nodeA, nodeB = "198.18.0.10", "198.18.0.11"
@@ -96,6 +100,34 @@ func (e *env) topology() error {
 	}
 	for _, h := range []struct{ ns, local, remote, ip string }{{x1, vxUnderA, vxUnderB, vxA}, {x2, vxUnderB, vxUnderA, vxB}} {
 		if err := ipAll(
+			[]string{"-n", h.ns, "addr", "add", h.local + "/24", "dev", "eth0"},
+			[]string{"-n", h.ns, "link", "set", "eth0", "up"},
+			[]string{"-n", h.ns, "link", "add", "vx0", "type", "vxlan", "id", vxID, "local", h.local, "remote", h.remote, "dstport", vxPort, "dev", "eth0"},
+			[]string{"-n", h.ns, "addr", "add", h.ip + "/24", "dev", "vx0"},
+			[]string{"-n", h.ns, "link", "set", "vx0", "up"},
+		); err != nil {
+			return err
+		}
+	}
+
+	// Row 4b: y1 and y2, each with eth0 on a bridge in uy, a VXLAN device
+	// with a static remote on each, the addresses on the VXLAN devices.
+	y1, y2, uy := e.l.ns("y1"), e.l.ns("y2"), e.l.ns("uy")
+	if err := e.addNS("y1", "y2", "uy"); err != nil {
+		return err
+	}
+	if err := ipAll(
+		[]string{"-n", uy, "link", "add", "br0", "type", "bridge"},
+		[]string{"-n", uy, "link", "set", "br0", "up"},
+	); err != nil {
+		return err
+	}
+	for i, h := range []struct{ ns, local, remote, ip string }{{y1, vyUnderA, vyUnderB, vyA}, {y2, vyUnderB, vyUnderA, vyB}} {
+		port := fmt.Sprintf("p%d", i+1)
+		if err := ipAll(
+			[]string{"-n", h.ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", uy},
+			[]string{"-n", uy, "link", "set", port, "master", "br0"},
+			[]string{"-n", uy, "link", "set", port, "up"},
 			[]string{"-n", h.ns, "addr", "add", h.local + "/24", "dev", "eth0"},
 			[]string{"-n", h.ns, "link", "set", "eth0", "up"},
 			[]string{"-n", h.ns, "link", "add", "vx0", "type", "vxlan", "id", vxID, "local", h.local, "remote", h.remote, "dstport", vxPort, "dev", "eth0"},
