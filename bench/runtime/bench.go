@@ -53,13 +53,17 @@ type closer interface {
 	Close(ctx context.Context) error
 }
 
-type samples struct{ create, remove []time.Duration }
+type samples struct {
+	create, remove       []time.Duration
+	cpuCreate, cpuRemove cpuUse // summed over the samples
+}
 
 type throughput struct {
-	name         string
-	n            int
-	start, clean time.Duration
-	err          error
+	name               string
+	n                  int
+	start, clean       time.Duration
+	cpuStart, cpuClean cpuUse
+	err                error
 }
 
 // child runs the benchmark inside the namespace and returns the exit code.
@@ -72,6 +76,11 @@ func child(o options, netns, work string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	// Before anything starts, so that all the run's processes are counted.
+	meter, err := newCPUMeter(l.prefix)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench: no CPU accounting:", err)
+	}
 
 	var subjects []subject
 	defer func() {
@@ -87,7 +96,7 @@ func child(o options, netns, work string) int {
 		}
 	}()
 
-	err := func() error {
+	err = func() error {
 		start := time.Now()
 		img, err := testimage.Build(testimage.Options{})
 		if err != nil {
@@ -118,7 +127,7 @@ func child(o options, netns, work string) int {
 			return err
 		}
 		fmt.Fprintf(os.Stderr, "bench: set up in %v (namespace %s)\n", time.Since(start).Round(time.Millisecond), netns)
-		return run(ctx, o, subjects)
+		return run(ctx, o, selected(subjects, o.subjects), meter)
 	}()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -131,8 +140,27 @@ func child(o options, netns, work string) int {
 	return 0
 }
 
+// subjectKeys name the subjects for -subjects, in the order child makes
+// them.
+var subjectKeys = []string{"berth", "calls", "raw", "runc"}
+
+// selected keeps the subjects named in list.
+func selected(all []subject, list string) []subject {
+	want := map[string]bool{}
+	for _, k := range strings.Split(list, ",") {
+		want[strings.TrimSpace(k)] = true
+	}
+	var out []subject
+	for i, s := range all {
+		if i < len(subjectKeys) && want[subjectKeys[i]] {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
 // run measures and prints.
-func run(ctx context.Context, o options, subjects []subject) error {
+func run(ctx context.Context, o options, subjects []subject, meter *cpuMeter) error {
 	load := loadavg()
 	res := make([]samples, len(subjects))
 	rounds := o.warmup + o.n
@@ -143,6 +171,7 @@ func run(ctx context.Context, o options, subjects []subject) error {
 			i := (k + r) % len(subjects)
 			s := subjects[i]
 			key := fmt.Sprintf("%c%03d", "bcru"[i], r)
+			c0 := meter.sample(false)
 			tc, err := withTimeout(ctx, o.timeout, func(ctx context.Context) (time.Duration, error) { return s.Create(ctx, key) })
 			if err != nil {
 				return fmt.Errorf("%s: create %s: %w", s.Name(), key, err)
@@ -150,13 +179,17 @@ func run(ctx context.Context, o options, subjects []subject) error {
 			if err := settle(ctx, s, key, o.timeout); err != nil {
 				return err
 			}
+			c1 := meter.sample(true)
 			tr, err := withTimeout(ctx, o.timeout, func(ctx context.Context) (time.Duration, error) { return s.Remove(ctx, key) })
 			if err != nil {
 				return fmt.Errorf("%s: remove %s: %w", s.Name(), key, err)
 			}
+			c2 := meter.sample(false)
 			if r >= o.warmup {
 				res[i].create = append(res[i].create, tc)
 				res[i].remove = append(res[i].remove, tr)
+				res[i].cpuCreate = res[i].cpuCreate.plus(c1.since(c0))
+				res[i].cpuRemove = res[i].cpuRemove.plus(c2.since(c1.withoutContainers()))
 			}
 		}
 		if (r+1)%10 == 0 || r+1 == rounds {
@@ -171,16 +204,20 @@ func run(ctx context.Context, o options, subjects []subject) error {
 			continue
 		}
 		tp := throughput{name: s.Name(), n: o.parallel}
+		c0 := meter.sample(false)
 		tp.start, tp.err = withTimeout(ctx, 5*o.timeout, func(ctx context.Context) (time.Duration, error) {
 			return ps.CreateMany(ctx, "tp", o.parallel)
 		})
 		if tp.err == nil {
 			tp.err = settle(ctx, s, "tp", o.timeout)
 		}
+		c1 := meter.sample(true)
 		d, err := withTimeout(ctx, 5*o.timeout, func(ctx context.Context) (time.Duration, error) {
 			return ps.RemoveMany(ctx, "tp", o.parallel)
 		})
 		tp.clean, tp.err = d, errors.Join(tp.err, err)
+		c2 := meter.sample(false)
+		tp.cpuStart, tp.cpuClean = c1.since(c0), c2.since(c1.withoutContainers())
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -289,9 +326,19 @@ func report(w io.Writer, o options, subjects []subject, res []samples, tps []thr
 		fmt.Fprintf(w, "  %-26s %d running in %6.2f s = %6.1f containers/s (all removed in %.2f s)\n",
 			tp.name, tp.n, tp.start.Seconds(), r, tp.clean.Seconds())
 	}
+	fmt.Fprintf(w, "\nCPU time per container (user+sys of everything the run started: berth, containerd,\n"+
+		"shims, runc, log collectors, CNI plugins, the containers; the benchmark itself left out):\n")
+	for i, s := range subjects {
+		fmt.Fprintf(w, "  %-26s start %s\n  %-26s remove %s\n", s.Name(), res[i].cpuCreate.perContainer(len(res[i].create)),
+			"", res[i].cpuRemove.perContainer(len(res[i].remove)))
+	}
+	for _, tp := range tps {
+		fmt.Fprintf(w, "  %-26s start %s\n  %-26s remove %s\n", fmt.Sprintf("%s, %d at once", tp.name, tp.n), tp.cpuStart.perContainer(tp.n),
+			"", tp.cpuClean.perContainer(tp.n))
+	}
 	// berth against bare containerd: subjects[0] is berth, [1] containerd
 	// with berth's calls, [2] containerd with raw calls.
-	if len(subjects) >= 3 {
+	if len(subjects) >= 3 && subjects[0].Name() == "berth (API, watch)" && strings.HasPrefix(subjects[2].Name(), "containerd (raw") {
 		fmt.Fprintf(w, "\nberth overhead:\n")
 		for _, j := range []int{1, 2} {
 			fmt.Fprintf(w, "  vs %-24s create→running p50 %s, p95 %s; stop→removed p50 %s, p95 %s",

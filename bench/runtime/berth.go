@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,6 +22,7 @@ import (
 	"github.com/containerd/typeurl/v2"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/bench/internal/hostclean"
 	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/internal/runtime"
 )
@@ -30,14 +32,15 @@ const apiAddr = "127.0.0.1:7480"
 
 // berthSubject drives a `berth dev` through its API.
 type berthSubject struct {
-	l      layout
-	bin    string
-	proc   *exec.Cmd
-	exited chan struct{}
-	c      *client.Client
-	cc     *containerd.Client // berth's own containerd, only to see deletes
-	tr     *tracker
-	cancel context.CancelFunc
+	l        layout
+	bin      string
+	proc     *exec.Cmd
+	exited   chan struct{}
+	c        *client.Client
+	cc       *containerd.Client // berth's own containerd, only to see deletes
+	netnsDir string             // where berth's agent keeps the instances' network namespaces
+	tr       *tracker
+	cancel   context.CancelFunc
 
 	mu  sync.Mutex
 	ids map[string][]string // service -> its instances
@@ -123,6 +126,7 @@ func startBerth(ctx context.Context, l layout, bin string, timeout time.Duration
 	if err != nil {
 		return b, err
 	}
+	b.netnsDir = filepath.Join(filepath.Dir(p.Socket), "netns")
 	b.cc, err = containerd.New(p.Socket, containerd.WithDefaultNamespace(runtime.Namespace))
 	if err != nil {
 		return b, fmt.Errorf("connect to berth's containerd: %w", err)
@@ -213,7 +217,36 @@ func (b *berthSubject) CreateMany(ctx context.Context, key string, n int) (time.
 	if err != nil {
 		return 0, fmt.Errorf("%s: %w (instances: %s)", name, err, b.tr.describe(name))
 	}
+	if n > 1 {
+		fmt.Fprintf(os.Stderr, "bench: berth's %d: %s\n", n, b.tr.timeline(name, start))
+	}
 	return at.Sub(start), nil
+}
+
+// timeline says when, after start, the watch showed the first and the last
+// instance of service placed on a node and running.
+func (t *tracker) timeline(service string, start time.Time) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	span := func(m map[string]time.Time) string {
+		var first, last time.Time
+		for id, at := range m {
+			if t.inst[id].Service != service {
+				continue
+			}
+			if first.IsZero() || at.Before(first) {
+				first = at
+			}
+			if at.After(last) {
+				last = at
+			}
+		}
+		if first.IsZero() {
+			return "none"
+		}
+		return fmt.Sprintf("%.2f s to %.2f s", first.Sub(start).Seconds(), last.Sub(start).Seconds())
+	}
+	return "placed " + span(t.placed) + ", running " + span(t.running)
 }
 
 func (b *berthSubject) Create(ctx context.Context, key string) (time.Duration, error) {
@@ -267,6 +300,14 @@ func (b *berthSubject) remove(ctx context.Context, key string, rmInstances bool)
 	b.mu.Lock()
 	delete(b.ids, name)
 	b.mu.Unlock()
+	// Untimed: the agent tears the instances' networking down after their
+	// containers are deleted; wait for it, so that it does not run into
+	// the next measurement (and its CPU time is counted here).
+	for _, id := range ids {
+		for hostclean.Exists(filepath.Join(b.netnsDir, id)) && ctx.Err() == nil {
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
 	return at.Sub(start), nil
 }
 
@@ -364,6 +405,8 @@ func (b *berthSubject) Close(ctx context.Context) error {
 type tracker struct {
 	mu      sync.Mutex
 	inst    map[string]api.Instance
+	placed  map[string]time.Time // when the watch first showed an instance on a node
+	running map[string]time.Time // ... and running
 	ctrGone map[string]bool
 	waiters map[*waiter]bool
 	err     error
@@ -375,7 +418,8 @@ type waiter struct {
 }
 
 func newTracker() *tracker {
-	return &tracker{inst: map[string]api.Instance{}, ctrGone: map[string]bool{}, waiters: map[*waiter]bool{}}
+	return &tracker{inst: map[string]api.Instance{}, placed: map[string]time.Time{}, running: map[string]time.Time{},
+		ctrGone: map[string]bool{}, waiters: map[*waiter]bool{}}
 }
 
 // expect registers a condition before the action that should make it true.
@@ -492,12 +536,21 @@ func (t *tracker) consume(ctx context.Context, c *client.Client, s *client.Strea
 				if json.Unmarshal(ev.Object, &in) == nil {
 					t.mu.Lock()
 					t.inst[in.ID] = in
+					now := time.Now()
+					if _, ok := t.placed[in.ID]; !ok && in.Node != "" {
+						t.placed[in.ID] = now
+					}
+					if _, ok := t.running[in.ID]; !ok && in.Status.State == api.InstanceRunning {
+						t.running[in.ID] = now
+					}
 					t.notify()
 					t.mu.Unlock()
 				}
 			case api.EventDelete:
 				t.mu.Lock()
 				delete(t.inst, ev.Name)
+				delete(t.placed, ev.Name)
+				delete(t.running, ev.Name)
 				t.notify()
 				t.mu.Unlock()
 			}

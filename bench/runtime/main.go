@@ -14,7 +14,7 @@
 //     directly through internal/runtime (Create + Start, Remove), i.e. the
 //     containerd client calls berth's agent makes, with its hardening
 //     (seccomp, capabilities, bind-mounted resolv.conf and hosts, the
-//     berth-logger log driver, a runc root per container);
+//     log collector, a runc root per container);
 //   - containerd (raw): the same containerd through plain client calls
 //     (NewContainer with snapshot + spec, NewTask with null IO, Start;
 //     SIGKILL, task delete, container delete);
@@ -25,7 +25,8 @@
 // It prints create→running and stop→removed p50/p95 per subject, then the
 // throughput of starting -parallel containers at once through berth (one
 // service with that many replicas) and through bare containerd (that many
-// goroutines), and berth's overhead over bare containerd in percent.
+// goroutines), the CPU time all this costs per container (cpu.go), and
+// berth's overhead over bare containerd in percent.
 //
 // Every container runs `sh -c 'trap "exit 0" TERM; sleep 1000 & wait'`: a
 // `sleep 1000` that ends at once on SIGTERM. berth removes an instance with
@@ -44,7 +45,7 @@
 //
 // Usage (from the module's root):
 //
-//	go run ./bench/runtime [-n 30] [-parallel 100] [-warmup 2] [-berth PATH]
+//	go run ./bench/runtime [-n 30] [-parallel 100] [-warmup 2] [-berth PATH] [-subjects berth,calls,raw,runc]
 package main
 
 import (
@@ -70,15 +71,14 @@ type options struct {
 	warmup   int
 	berth    string
 	timeout  time.Duration
+	subjects string // which subjects to measure, comma-separated
 }
 
 func main() {
-	// The private containerd's shims run this binary as the container log
-	// driver (internal/runtime links it as DATA/bin/berth-logger), as they
-	// run the berth binary for berth itself.
-	if filepath.Base(os.Args[0]) == runtime.LoggerName {
-		runtime.RunLogger(os.Args[1:])
-		return
+	// The bare containerd's runtime (internal/runtime) runs this binary as
+	// its log collector, as berth's runs the berth binary.
+	if filepath.Base(os.Args[0]) == runtime.LogdName {
+		os.Exit(runtime.RunLogd(os.Args[1:]))
 	}
 	var o options
 	flag.IntVar(&o.n, "n", 30, "samples per subject for the latencies")
@@ -86,6 +86,7 @@ func main() {
 	flag.IntVar(&o.warmup, "warmup", 2, "rounds run first and not counted")
 	flag.StringVar(&o.berth, "berth", "", "the berth binary (default: go build ./cmd/berth into a temporary directory)")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Second, "longest wait for one operation")
+	flag.StringVar(&o.subjects, "subjects", "berth,calls,raw,runc", "the subjects to measure: berth, calls (containerd with berth's calls), raw (containerd), runc")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench/runtime [flags]\n\n"+
 			"Measures create→running and stop→removed latency and start throughput of\n"+

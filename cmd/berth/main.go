@@ -1,5 +1,5 @@
 // Command berth is the one binary of berth: server, agent, dev mode, CLI,
-// and (called as berth-logger by containerd's shim) the container log driver.
+// and (run as berth-logd by the agent) a node's container log collector.
 package main
 
 import (
@@ -11,9 +11,8 @@ import (
 )
 
 func main() {
-	if filepath.Base(os.Args[0]) == runtime.LoggerName {
-		runtime.RunLogger(os.Args[1:])
-		return
+	if filepath.Base(os.Args[0]) == runtime.LogdName {
+		os.Exit(runtime.RunLogd(os.Args[1:]))
 	}
 	os.Exit(cli.Main(os.Args[1:], os.Stdout, os.Stderr))
 }

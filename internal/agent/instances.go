@@ -46,6 +46,8 @@ type instances struct {
 	mu      sync.Mutex
 	workers map[string]*worker
 	wg      sync.WaitGroup
+	specs   specCache
+	nets    networks
 }
 
 func (a *Agent) logPath(id string) string { return filepath.Join(a.cfg.DataDir, "logs", id+".log") }
@@ -54,6 +56,11 @@ func (a *Agent) instDir(id string) string { return filepath.Join(a.cfg.DataDir, 
 // run watches this node's instances and reconciles containers to them.
 func (m *instances) run(ctx context.Context) {
 	defer m.wg.Wait()
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		m.nets.run(ctx, m.a.c)
+	}()
 	go func() {
 		for ev := range m.rt.Events(ctx) {
 			m.mu.Lock()
@@ -100,6 +107,7 @@ func (m *instances) consume(ctx context.Context, s *client.Stream, snapshot bool
 		switch ev.Type {
 		case api.EventBookmark:
 			if snapshot {
+				m.specs.forget("")
 				m.sweep(ctx, seen)
 				snapshot = false
 			}
@@ -110,6 +118,7 @@ func (m *instances) consume(ctx context.Context, s *client.Stream, snapshot bool
 			}
 			seen[in.ID] = true
 			if ev.Type == api.EventDelete || in.Node != m.a.cfg.Name {
+				m.specs.forget(in.Service)
 				m.update(ctx, in.ID, nil)
 			} else {
 				m.update(ctx, in.ID, &in)
@@ -214,9 +223,21 @@ func (w *worker) set(in *api.Instance) {
 	if in == nil {
 		w.gone = true
 	}
+	// An update that changes nothing the worker acts on (most often the
+	// echo of the status it reported itself) needs no pass of its own.
+	same := in != nil && w.desired != nil && sameIntent(w.desired, in)
 	w.desired = in
 	w.mu.Unlock()
-	w.poke()
+	if !same {
+		w.poke()
+	}
+}
+
+// sameIntent says whether two versions of an instance ask for the same
+// container: they differ at most in status and bookkeeping.
+func sameIntent(a, b *api.Instance) bool {
+	return a.Service == b.Service && a.Generation == b.Generation && a.Node == b.Node &&
+		a.DesiredState == b.DesiredState && a.StopGrace == b.StopGrace && reflect.DeepEqual(a.Resources, b.Resources)
 }
 
 func (w *worker) exited(ev runtime.Event) {
@@ -568,16 +589,113 @@ func (w *worker) serviceSpec(ctx context.Context, in *api.Instance) (api.Service
 	if w.spec != nil && w.specGen == in.Generation {
 		return *w.spec, nil
 	}
-	svc, err := w.m.a.c.GetService(ctx, in.Service)
+	spec, err := w.m.specs.get(ctx, in.Service, in.Generation, func(ctx context.Context) (api.ServiceSpec, error) {
+		svc, err := w.m.a.c.GetService(ctx, in.Service)
+		if err != nil {
+			return api.ServiceSpec{}, fmt.Errorf("service %s: %w", in.Service, err)
+		}
+		spec, ok := svc.SpecOf(in.Generation)
+		if !ok {
+			return api.ServiceSpec{}, fmt.Errorf("service %s has no generation %d", in.Service, in.Generation)
+		}
+		return spec, nil
+	})
 	if err != nil {
-		return api.ServiceSpec{}, fmt.Errorf("service %s: %w", in.Service, err)
-	}
-	spec, ok := svc.SpecOf(in.Generation)
-	if !ok {
-		return api.ServiceSpec{}, fmt.Errorf("service %s has no generation %d", in.Service, in.Generation)
+		return api.ServiceSpec{}, err
 	}
 	w.spec, w.specGen = &spec, in.Generation
 	return spec, nil
+}
+
+// specCache shares services' specs among the workers, so that a burst of
+// new instances of one service (a scale-up, a rollout) fetches the spec
+// once instead of once per instance. A generation's spec never changes,
+// but a service deleted and created again numbers its generations anew:
+// entries are kept only for specTTL, and an instance of the service
+// leaving this node drops them.
+type specCache struct {
+	mu sync.Mutex
+	m  map[specKey]*specEntry
+}
+
+type specKey struct {
+	service string
+	gen     int64
+}
+
+type specEntry struct {
+	done chan struct{} // closed once spec and err are set
+	spec api.ServiceSpec
+	err  error
+	at   time.Time
+}
+
+const specTTL = 2 * time.Second
+
+// get returns the spec of a service's generation, calling fetch unless a
+// recent or concurrent call already did.
+func (c *specCache) get(ctx context.Context, service string, gen int64, fetch func(context.Context) (api.ServiceSpec, error)) (api.ServiceSpec, error) {
+	k := specKey{service, gen}
+	c.mu.Lock()
+	if c.m == nil {
+		c.m = map[specKey]*specEntry{}
+	}
+	e := c.m[k]
+	if e != nil {
+		select {
+		case <-e.done:
+			if time.Since(e.at) > specTTL {
+				e = nil
+			}
+		default: // being fetched: wait for it
+		}
+	}
+	if e == nil {
+		e = &specEntry{done: make(chan struct{})}
+		c.m[k] = e
+		c.mu.Unlock()
+		e.spec, e.err = fetch(ctx)
+		e.at = time.Now()
+		c.mu.Lock()
+		if e.err != nil && c.m[k] == e {
+			delete(c.m, k) // the next caller tries again
+		}
+		for k2, e2 := range c.m {
+			if e2 != e && isDone(e2.done) && time.Since(e2.at) > specTTL {
+				delete(c.m, k2)
+			}
+		}
+		c.mu.Unlock()
+		close(e.done)
+		return e.spec, e.err
+	}
+	c.mu.Unlock()
+	select {
+	case <-e.done:
+		return e.spec, e.err
+	case <-ctx.Done():
+		return api.ServiceSpec{}, ctx.Err()
+	}
+}
+
+// forget drops the entries of a service, or all of them for "".
+func (c *specCache) forget(service string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k := range c.m {
+		if service == "" || k.service == service {
+			delete(c.m, k)
+		}
+	}
+}
+
+func isDone(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 func (w *worker) runtimeSpec(in *api.Instance, spec api.ServiceSpec) runtime.Spec {
@@ -643,7 +761,7 @@ func (w *worker) attachments(ctx context.Context, spec api.ServiceSpec) ([]netwo
 	}
 	var atts []network.Attachment
 	for i, name := range names {
-		n, err := w.m.a.c.GetNetwork(ctx, name)
+		n, err := w.network(ctx, name)
 		if err != nil {
 			return nil, fmt.Errorf("network %s: %w", name, err)
 		}
@@ -665,7 +783,7 @@ func (w *worker) attachments(ctx context.Context, spec api.ServiceSpec) ([]netwo
 func (w *worker) attachmentsFromStatus(ctx context.Context) []network.Attachment {
 	var atts []network.Attachment
 	for _, v := range w.status.VNICs {
-		n, err := w.m.a.c.GetNetwork(ctx, v.Network)
+		n, err := w.network(ctx, v.Network)
 		if err != nil {
 			n = api.Network{NetworkSpec: api.NetworkSpec{Name: v.Network}}
 		}
@@ -686,4 +804,81 @@ func portBindings(spec api.ServiceSpec) []api.PortBinding {
 		out = append(out, api.PortBinding(p))
 	}
 	return out
+}
+
+// network returns a network as the agent's watch last saw it, or from the
+// server when the watch has not seen it (yet) or has not seen this node's
+// slice of an overlay.
+func (w *worker) network(ctx context.Context, name string) (api.Network, error) {
+	if n, ok := w.m.nets.get(name); ok && (n.Driver != api.DriverOverlay || n.Status.NodeSubnets[w.m.a.cfg.Name] != "") {
+		return n, nil
+	}
+	return w.m.a.c.GetNetwork(ctx, name)
+}
+
+// networks is the agent's view of the networks, kept by a watch, so that
+// starting or removing an instance does not ask the server for them (a
+// network read there also collects every instance's addresses). Only a
+// watch that is in step answers; otherwise callers ask the server.
+type networks struct {
+	mu     sync.Mutex
+	m      map[string]api.Network
+	synced bool
+}
+
+// run keeps the view until ctx ends; every (re)connection starts from a
+// full list, so that nothing deleted in between stays.
+func (n *networks) run(ctx context.Context, c *client.Client) {
+	for ctx.Err() == nil {
+		s, err := c.Watch(ctx, client.WatchNetworks, 0)
+		if err != nil {
+			sleep(ctx, time.Second)
+			continue
+		}
+		n.consume(s)
+		s.Close()
+		n.mu.Lock()
+		n.synced = false
+		n.mu.Unlock()
+	}
+}
+
+func (n *networks) consume(s *client.Stream) {
+	fresh := map[string]api.Network{} // the list, until its bookmark
+	for {
+		ev, err := s.Next()
+		if err != nil {
+			return
+		}
+		n.mu.Lock()
+		switch ev.Type {
+		case api.EventBookmark:
+			if fresh != nil {
+				n.m, n.synced, fresh = fresh, true, nil
+			}
+		case api.EventPut:
+			var nw api.Network
+			if jsonUnmarshal(ev.Object, &nw) == nil {
+				if fresh != nil {
+					fresh[nw.Name] = nw
+				} else {
+					n.m[nw.Name] = nw
+				}
+			}
+		case api.EventDelete:
+			if fresh != nil {
+				delete(fresh, ev.Name)
+			} else {
+				delete(n.m, ev.Name)
+			}
+		}
+		n.mu.Unlock()
+	}
+}
+
+func (n *networks) get(name string) (api.Network, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	nw, ok := n.m[name]
+	return nw, ok && n.synced
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	"golang.org/x/sys/unix"
 )
 
 // Namespace is the containerd namespace berth's containers live in.
@@ -30,6 +31,9 @@ type Paths struct {
 	Log      string
 	PID      string
 	RuncRoot string // parent of each container's private runc root
+	// The log collector (logd.go): its socket, pid file and own log, and
+	// the containers' FIFOs, one directory each.
+	LogdSocket, LogdPID, LogdLog, LogFIFOs string
 }
 
 // PathsFor derives a containerd's paths from an agent's data directory.
@@ -49,6 +53,11 @@ func PathsFor(dataDir string) (Paths, error) {
 		Log:      filepath.Join(abs, "containerd", "containerd.log"),
 		PID:      filepath.Join(run, "containerd.pid"),
 		RuncRoot: filepath.Join(run, "runc"),
+
+		LogdSocket: filepath.Join(run, "logd.sock"),
+		LogdPID:    filepath.Join(run, "logd.pid"),
+		LogdLog:    filepath.Join(abs, "logd.log"),
+		LogFIFOs:   filepath.Join(run, "logs"),
 	}, nil
 }
 
@@ -135,6 +144,9 @@ func start(p Paths, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("containerd is not installed (run scripts/install.sh): %w", err)
 	}
+	if err := volatileRunDir(filepath.Dir(p.Socket), log); err != nil {
+		return err
+	}
 	for _, d := range []string{p.Root, p.State, p.RuncRoot} {
 		if err := os.MkdirAll(d, 0o711); err != nil {
 			return fmt.Errorf("runtime: %w", err)
@@ -171,7 +183,7 @@ func start(p Paths, log *slog.Logger) error {
 func Shutdown(ctx context.Context, p Paths, log *slog.Logger) error {
 	var errs []error
 	if c, err := dial(ctx, p, time.Second); err == nil {
-		r := &Containerd{c: c, paths: p, log: log}
+		r := &Containerd{c: c, paths: p, log: log, logs: &logs{p: p, log: log}}
 		list, _ := r.List(ctx)
 		for _, st := range list {
 			if err := r.Remove(ctx, st.ID); err != nil {
@@ -185,6 +197,18 @@ func Shutdown(ctx context.Context, p Paths, log *slog.Logger) error {
 			_ = syscall.Kill(pid, syscall.SIGTERM)
 			for i := 0; i < 100 && processAlive(pid); i++ {
 				time.Sleep(50 * time.Millisecond)
+			}
+			if processAlive(pid) {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+	// The log collector, once the containers are gone.
+	if b, err := os.ReadFile(p.LogdPID); err == nil {
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && isLogd(pid, p.LogdSocket) {
+			_ = syscall.Kill(pid, syscall.SIGTERM)
+			for i := 0; i < 100 && processAlive(pid); i++ {
+				time.Sleep(20 * time.Millisecond)
 			}
 			if processAlive(pid) {
 				_ = syscall.Kill(pid, syscall.SIGKILL)
@@ -209,6 +233,35 @@ func Shutdown(ctx context.Context, p Paths, log *slog.Logger) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// volatileRunDir puts a new run directory (containerd's state, the runc
+// roots, the log FIFOs, the instances' network namespaces) on a tmpfs of
+// its own when /run is not one, as on some VMs: what it holds must not
+// outlive the machine, and creating and deleting the many small files of
+// every container start is much cheaper there than on a disk file system
+// that tracks recently deleted inodes. A run directory that already has
+// content is left as it is: it may be the state of containers that run.
+func volatileRunDir(dir string, log *slog.Logger) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(filepath.Dir(dir), &st); err == nil && st.Type == unix.TMPFS_MAGIC {
+		return nil
+	}
+	if err := unix.Statfs(dir, &st); err == nil && st.Type == unix.TMPFS_MAGIC {
+		return nil // mounted by an earlier start
+	}
+	if ents, err := os.ReadDir(dir); err == nil && len(ents) > 0 {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return fmt.Errorf("runtime: %w", err)
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0711"); err != nil {
+		// Not fatal: the directory works on any file system.
+		log.Warn("runtime: no tmpfs for the run directory", "dir", dir, "err", err)
+		return nil
+	}
+	return nil
 }
 
 func isContainerd(pid int) bool {

@@ -6,21 +6,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/runtime/v2/logging"
-
 	"github.com/berth-dev/berth/api"
 )
-
-// LoggerName is the name under which the berth binary acts as the logging
-// driver that containerd's shim runs for each container (multi-call).
-const LoggerName = "berth-logger"
 
 // Log rotation defaults.
 const (
@@ -30,92 +22,6 @@ const (
 
 // LogLine is one line of a container's output as stored.
 type LogLine = api.LogLine
-
-// installLogger links DATA/bin/berth-logger to the running binary.
-func installLogger(dataDir string) (string, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return "", fmt.Errorf("runtime: find own binary: %w", err)
-	}
-	exe, _ = filepath.EvalSymlinks(exe)
-	abs, err := filepath.Abs(dataDir)
-	if err != nil {
-		return "", err
-	}
-	dir := filepath.Join(abs, "bin")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("runtime: %w", err)
-	}
-	link := filepath.Join(dir, LoggerName)
-	if cur, err := os.Readlink(link); err == nil && cur == exe {
-		return link, nil
-	}
-	tmp := link + ".tmp"
-	_ = os.Remove(tmp)
-	if err := os.Symlink(exe, tmp); err != nil {
-		return "", fmt.Errorf("runtime: link %s: %w", LoggerName, err)
-	}
-	if err := os.Rename(tmp, link); err != nil {
-		return "", fmt.Errorf("runtime: link %s: %w", LoggerName, err)
-	}
-	return link, nil
-}
-
-// RunLogger is the logging driver's main: the shim passes the container's
-// stdout and stderr as fds 3 and 4 and the arguments --file PATH.
-func RunLogger(args []string) {
-	path := ""
-	maxSize, maxFiles := int64(DefaultLogMaxSize), DefaultLogMaxFiles
-	for i := 0; i+1 < len(args); i++ {
-		switch args[i] {
-		case "--file":
-			path = args[i+1]
-		case "--max-size":
-			if v, err := strconv.ParseInt(args[i+1], 10, 64); err == nil && v > 0 {
-				maxSize = v
-			}
-		case "--max-files":
-			if v, err := strconv.Atoi(args[i+1]); err == nil && v > 0 {
-				maxFiles = v
-			}
-		}
-	}
-	logging.Run(func(ctx context.Context, cfg *logging.Config, ready func() error) error {
-		if path == "" {
-			return fmt.Errorf("%s: --file is required", LoggerName)
-		}
-		w, err := newRotator(path, maxSize, maxFiles)
-		if err != nil {
-			return err
-		}
-		defer w.Close()
-		if err := ready(); err != nil {
-			return err
-		}
-		var wg sync.WaitGroup
-		copyStream := func(r io.Reader, stream string) {
-			defer wg.Done()
-			br := bufio.NewReaderSize(r, 64<<10)
-			for {
-				line, err := br.ReadString('\n')
-				if len(line) > 0 {
-					if line[len(line)-1] == '\n' {
-						line = line[:len(line)-1]
-					}
-					w.write(LogLine{Time: time.Now().UTC(), Stream: stream, Line: line})
-				}
-				if err != nil {
-					return
-				}
-			}
-		}
-		wg.Add(2)
-		go copyStream(cfg.Stdout, "stdout")
-		go copyStream(cfg.Stderr, "stderr")
-		wg.Wait()
-		return nil
-	})
-}
 
 // rotator appends JSON lines to a file, keeping maxFiles-1 rotated copies.
 type rotator struct {

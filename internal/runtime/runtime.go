@@ -7,7 +7,9 @@
 package runtime
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -24,10 +26,14 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/contrib/seccomp"
 	"github.com/containerd/containerd/v2/core/containers"
+	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
+	digest "github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/berth-dev/berth/api"
@@ -84,13 +90,15 @@ type Event struct {
 
 // Containerd runs containers on an agent's private containerd.
 type Containerd struct {
-	c      *containerd.Client
-	paths  Paths
-	log    *slog.Logger
-	logger string // path of the berth-logger binary
+	c     *containerd.Client
+	paths Paths
+	log   *slog.Logger
+	logs  *logs // the node's log collector
 
-	mu   sync.Mutex
-	ooms map[string]time.Time // containers with a recent OOM event
+	mu      sync.Mutex
+	ooms    map[string]time.Time            // containers with a recent OOM event
+	created map[string]containerd.Container // made by Create, not yet started
+	images  map[digest.Digest]*imageInfo    // by image digest
 }
 
 // New connects to (or starts) the agent's containerd under dataDir.
@@ -99,15 +107,16 @@ func New(ctx context.Context, dataDir string, log *slog.Logger) (*Containerd, er
 	if err != nil {
 		return nil, err
 	}
-	logger, err := installLogger(dataDir)
-	if err != nil {
-		return nil, err
-	}
 	c, err := Connect(ctx, p, log)
 	if err != nil {
 		return nil, err
 	}
-	return &Containerd{c: c, paths: p, log: log, logger: logger, ooms: map[string]time.Time{}}, nil
+	l := &logs{p: p, log: log}
+	if err := l.ensure(ctx); err != nil {
+		_ = c.Close()
+		return nil, err
+	}
+	return &Containerd{c: c, paths: p, log: log, logs: l, ooms: map[string]time.Time{}, created: map[string]containerd.Container{}, images: map[digest.Digest]*imageInfo{}}, nil
 }
 
 // Close drops the client; containerd and the containers go on.
@@ -174,33 +183,133 @@ func envList(m map[string]string) []string {
 	return out
 }
 
-// image returns a local image, unpacked.
-func (r *Containerd) image(ctx context.Context, ref string) (containerd.Image, error) {
-	img, err := r.c.GetImage(ctx, NormalizeRef(ref))
+// imageInfo is what creating a container needs of an image: its config
+// and the snapshot its layers unpack to. Content is immutable, so it is
+// read once per image digest, not on every create.
+type imageInfo struct {
+	configDesc ocispec.Descriptor
+	configBlob []byte
+	config     ocispec.Image
+	chainID    string // the unpacked image's snapshot
+}
+
+// image resolves a local image, unpacking it if needed.
+func (r *Containerd) image(ctx context.Context, ref string) (name string, info *imageInfo, err error) {
+	name = NormalizeRef(ref)
+	meta, err := r.c.ImageService().Get(ctx, name)
 	if errdefs.IsNotFound(err) {
-		return nil, fmt.Errorf("%w: %s (import or pull it first)", ErrImageNotFound, ref)
+		return "", nil, fmt.Errorf("%w: %s (import or pull it first)", ErrImageNotFound, ref)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("image %s: %w", ref, err)
+		return "", nil, fmt.Errorf("image %s: %w", ref, err)
 	}
+	r.mu.Lock()
+	info = r.images[meta.Target.Digest]
+	r.mu.Unlock()
+	if info != nil {
+		return name, info, nil
+	}
+	img := containerd.NewImageWithPlatform(r.c, meta, platformMatcher())
 	ok, err := img.IsUnpacked(ctx, snapshotter)
 	if err != nil {
-		return nil, fmt.Errorf("image %s: %w", ref, err)
+		return "", nil, fmt.Errorf("image %s: %w", ref, err)
 	}
 	if !ok {
 		if err := img.Unpack(ctx, snapshotter); err != nil {
-			return nil, fmt.Errorf("image %s: unpack: %w", ref, err)
+			return "", nil, fmt.Errorf("image %s: unpack: %w", ref, err)
 		}
 	}
-	return img, nil
+	info = &imageInfo{}
+	if info.configDesc, err = img.Config(ctx); err != nil {
+		return "", nil, fmt.Errorf("image %s: %w", ref, err)
+	}
+	if info.configBlob, err = content.ReadBlob(ctx, r.c.ContentStore(), info.configDesc); err != nil {
+		return "", nil, fmt.Errorf("image %s: config: %w", ref, err)
+	}
+	if err := json.Unmarshal(info.configBlob, &info.config); err != nil {
+		return "", nil, fmt.Errorf("image %s: config: %w", ref, err)
+	}
+	diffIDs, err := img.RootFS(ctx)
+	if err != nil {
+		return "", nil, fmt.Errorf("image %s: %w", ref, err)
+	}
+	info.chainID = identity.ChainID(diffIDs).String()
+	r.mu.Lock()
+	if len(r.images) >= 64 {
+		clear(r.images)
+	}
+	r.images[meta.Target.Digest] = info
+	r.mu.Unlock()
+	return name, info, nil
+}
+
+// forgetImages drops what image knows (a snapshot went missing).
+func (r *Containerd) forgetImages() {
+	r.mu.Lock()
+	clear(r.images)
+	r.mu.Unlock()
+}
+
+// ociImage serves an image's config to containerd's spec options from
+// memory.
+type ociImage struct {
+	info  *imageInfo
+	store content.Store
+}
+
+func (i ociImage) Config(context.Context) (ocispec.Descriptor, error) { return i.info.configDesc, nil }
+func (i ociImage) ContentStore() content.Store {
+	return blobStore{Store: i.store, desc: i.info.configDesc, blob: i.info.configBlob}
+}
+
+// blobStore is a content store that has one blob at hand.
+type blobStore struct {
+	content.Store
+	desc ocispec.Descriptor
+	blob []byte
+}
+
+func (s blobStore) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (content.ReaderAt, error) {
+	if desc.Digest == s.desc.Digest {
+		return blobReader{bytes.NewReader(s.blob)}, nil
+	}
+	return s.Store.ReaderAt(ctx, desc)
+}
+
+type blobReader struct{ *bytes.Reader }
+
+func (blobReader) Close() error { return nil }
+
+// withSnapshot prepares the container's writable snapshot on top of the
+// image's (containerd.WithNewSnapshot, without reading the image again).
+func withSnapshot(key, parent, image string) containerd.NewContainerOpts {
+	return func(ctx context.Context, c *containerd.Client, ctr *containers.Container) error {
+		if _, err := c.SnapshotService(snapshotter).Prepare(ctx, key, parent); err != nil {
+			return err
+		}
+		ctr.Snapshotter, ctr.SnapshotKey, ctr.Image = snapshotter, key, image
+		return nil
+	}
 }
 
 // Create makes a container (not yet started).
 func (r *Containerd) Create(ctx context.Context, s Spec) error {
-	img, err := r.image(ctx, s.Image)
+	err := r.create(ctx, s)
+	if errdefs.IsNotFound(err) {
+		// The image's snapshot went away since it was first seen: look at
+		// the image again (and unpack it).
+		r.forgetImages()
+		err = r.create(ctx, s)
+	}
+	return err
+}
+
+func (r *Containerd) create(ctx context.Context, s Spec) error {
+	name, info, err := r.image(ctx, s.Image)
 	if err != nil {
 		return err
 	}
+	img := ociImage{info: info, store: r.c.ContentStore()}
 	opts := []oci.SpecOpts{
 		oci.WithImageConfig(img),
 		oci.WithHostname(s.Hostname),
@@ -213,7 +322,7 @@ func (r *Containerd) Create(ctx context.Context, s Spec) error {
 	case len(s.Command) > 0:
 		opts = append(opts, oci.WithProcessArgs(append(append([]string{}, s.Command...), s.Args...)...))
 	case len(s.Args) > 0:
-		opts = append(opts, withArgsAfterEntrypoint(img, s.Args))
+		opts = append(opts, oci.WithProcessArgs(append(append([]string{}, info.config.Config.Entrypoint...), s.Args...)...))
 	}
 	if len(s.Env) > 0 {
 		opts = append(opts, oci.WithEnv(envList(s.Env)))
@@ -236,9 +345,8 @@ func (r *Containerd) Create(ctx context.Context, s Spec) error {
 	if s.User != "" {
 		opts = append(opts, oci.WithUser(s.User))
 	}
-	_, err = r.c.NewContainer(ctx, s.ID,
-		containerd.WithImage(img),
-		containerd.WithNewSnapshot(s.ID+"-rootfs", img),
+	ctr, err := r.c.NewContainer(ctx, s.ID,
+		withSnapshot(s.ID+"-rootfs", info.chainID, name),
 		containerd.WithRuntime("io.containerd.runc.v2", &options.Options{Root: filepath.Join(r.paths.RuncRoot, s.ID)}),
 		containerd.WithContainerLabels(s.Labels),
 		containerd.WithNewSpec(opts...),
@@ -246,34 +354,35 @@ func (r *Containerd) Create(ctx context.Context, s Spec) error {
 	if err != nil {
 		return fmt.Errorf("create container %s: %w", s.ID, err)
 	}
+	r.mu.Lock()
+	r.created[s.ID] = ctr
+	r.mu.Unlock()
 	return nil
 }
 
-// withArgsAfterEntrypoint keeps the image's entrypoint and replaces its cmd.
-func withArgsAfterEntrypoint(img containerd.Image, args []string) oci.SpecOpts {
-	return func(ctx context.Context, c oci.Client, ctr *containers.Container, s *oci.Spec) error {
-		ic, err := img.Spec(ctx)
-		if err != nil {
-			return err
-		}
-		return oci.WithProcessArgs(append(append([]string{}, ic.Config.Entrypoint...), args...)...)(ctx, c, ctr, s)
-	}
-}
-
-// Start starts a created (or exited) container's main process; the logs of
-// its stdout and stderr go to logPath through berth-logger, which the shim
-// runs, so they survive agent restarts.
+// Start starts a created (or exited) container's main process; its stdout
+// and stderr go to logPath through the node's log collector (logd.go),
+// which is not the agent, so they survive agent restarts.
 func (r *Containerd) Start(ctx context.Context, id, logPath string) (uint32, error) {
-	ctr, err := r.c.LoadContainer(ctx, id)
-	if errdefs.IsNotFound(err) {
-		return 0, fmt.Errorf("%w: %s", ErrNotFound, id)
-	}
-	if err != nil {
-		return 0, err
-	}
-	if t, err := ctr.Task(ctx, nil); err == nil {
-		if _, err := t.Delete(ctx, containerd.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
-			return 0, fmt.Errorf("delete old task of %s: %w", id, err)
+	r.mu.Lock()
+	ctr, fresh := r.created[id]
+	delete(r.created, id)
+	r.mu.Unlock()
+	if !fresh {
+		// A restart: the container exists, and may still have the task
+		// that ended.
+		var err error
+		ctr, err = r.c.LoadContainer(ctx, id)
+		if errdefs.IsNotFound(err) {
+			return 0, fmt.Errorf("%w: %s", ErrNotFound, id)
+		}
+		if err != nil {
+			return 0, err
+		}
+		if t, err := ctr.Task(ctx, nil); err == nil {
+			if _, err := t.Delete(ctx, containerd.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
+				return 0, fmt.Errorf("delete old task of %s: %w", id, err)
+			}
 		}
 	}
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o700); err != nil {
@@ -282,7 +391,11 @@ func (r *Containerd) Start(ctx context.Context, id, logPath string) (uint32, err
 	r.mu.Lock()
 	delete(r.ooms, id)
 	r.mu.Unlock()
-	task, err := ctr.NewTask(ctx, cio.BinaryIO(r.logger, map[string]string{"--file": logPath}))
+	ioc, err := r.logs.attach(ctx, id, logPath)
+	if err != nil {
+		return 0, fmt.Errorf("start %s: %w", id, err)
+	}
+	task, err := ctr.NewTask(ctx, ioc)
 	if err != nil {
 		return 0, fmt.Errorf("start %s: %w", id, cleanErr(err))
 	}
@@ -354,6 +467,9 @@ func (r *Containerd) Stop(ctx context.Context, id string, grace time.Duration) (
 
 // Remove kills and deletes a container, its task and its snapshot.
 func (r *Containerd) Remove(ctx context.Context, id string) error {
+	r.mu.Lock()
+	delete(r.created, id)
+	r.mu.Unlock()
 	ctr, err := r.c.LoadContainer(ctx, id)
 	if errdefs.IsNotFound(err) {
 		return nil
@@ -370,6 +486,7 @@ func (r *Containerd) Remove(ctx context.Context, id string) error {
 		return fmt.Errorf("remove %s: %w", id, err)
 	}
 	_ = os.RemoveAll(filepath.Join(r.paths.RuncRoot, id))
+	r.logs.detach(ctx, id)
 	return nil
 }
 
