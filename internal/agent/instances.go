@@ -558,6 +558,9 @@ func (w *worker) startCheck(ctx context.Context) {
 		w.m.a.log.Info("agent: health", "instance", w.id, "state", state, "output", output)
 		w.poke()
 	})
+	// Start from the state last reported: after an agent restart the
+	// container kept running, and a probe that now fails must be reported.
+	mon.Seed(w.status.Health)
 	w.m.a.checks.set(w.id, mon)
 	w.m.wg.Add(1)
 	go func() {

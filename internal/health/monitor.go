@@ -94,6 +94,32 @@ func NewMonitor(c api.CheckSpec, t Target, report func(state, output string)) *M
 	return m
 }
 
+// Seed sets the state the monitor starts from, before Run: the state last
+// reported for the instance, when a monitor is made again for a container
+// that kept running (an agent restart). A failing probe then reports the
+// change instead of finding the monitor already critical; a TTL check
+// seeded passing or warning runs out one TTL later unless updated.
+func (m *Monitor) Seed(state string) {
+	switch state {
+	case api.HealthPassing, api.HealthWarning, api.HealthCritical:
+	default:
+		return
+	}
+	m.update.Lock()
+	defer m.update.Unlock()
+	m.mu.Lock()
+	m.state = state
+	m.mu.Unlock()
+	if state == api.HealthCritical {
+		m.successes, m.failures = 0, m.needFail
+		return
+	}
+	m.successes, m.failures = m.needPass, 0
+	if m.ttl > 0 {
+		m.expires = time.Now().Add(m.ttl)
+	}
+}
+
 // Run runs the check until ctx ends, and returns once everything it started
 // has stopped. A probe that ctx interrupts decides nothing. Run may be called
 // again after it returned (state and counters carry over); a call while

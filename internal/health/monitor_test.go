@@ -448,3 +448,41 @@ func TestRunStops(t *testing.T) {
 		t.Error("the HTTP probe never reached the server")
 	}
 }
+
+// TestMonitorSeed: a monitor made again for an instance last reported
+// passing (an agent restart) reports a failing probe; a seeded TTL check
+// runs out one TTL later.
+func TestMonitorSeed(t *testing.T) {
+	t.Run("probe", func(t *testing.T) {
+		rec := newRecorder()
+		m := NewMonitor(api.CheckSpec{TCP: &api.TCPCheck{Port: 1}, Interval: api.Duration(time.Hour)},
+			Target{Address: "127.0.0.1"}, rec.report)
+		m.Seed(api.HealthPassing)
+		if state, _ := m.State(); state != api.HealthPassing {
+			t.Fatalf("seeded state %q", state)
+		}
+		runMonitor(t, m)
+		rec.waitFor(t, 1, 5*time.Second)
+		if state, _, _ := rec.last(); state != api.HealthCritical {
+			t.Fatalf("report %q, want critical", state)
+		}
+	})
+	t.Run("ttl", func(t *testing.T) {
+		const ttl = 60 * time.Millisecond
+		rec := newRecorder()
+		m := NewMonitor(api.CheckSpec{TTL: api.Duration(ttl)}, Target{}, rec.report)
+		m.Seed(api.HealthPassing)
+		runMonitor(t, m)
+		rec.waitFor(t, 1, time.Second)
+		if state, out, _ := rec.last(); state != api.HealthCritical || !strings.Contains(out, "TTL expired") {
+			t.Fatalf("report %q %q, want critical, expired", state, out)
+		}
+	})
+	t.Run("unknown state ignored", func(t *testing.T) {
+		m := NewMonitor(api.CheckSpec{TTL: api.Duration(time.Second)}, Target{}, nil)
+		m.Seed("")
+		if state, _ := m.State(); state != api.HealthCritical {
+			t.Fatalf("state %q after an empty seed", state)
+		}
+	})
+}
