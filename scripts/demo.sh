@@ -126,7 +126,7 @@ step "berth rollout status web   (waits until the 5 are healthy)"
 "$berth" rollout status web
 step "berth apply   (VERSION v2: a rolling update, one new instance at a time, each gated on its check)"
 sed -e 's/VERSION: v1/VERSION: v2/' -e 's/replicas: 3/replicas: 5/' examples/web.yaml | "$berth" apply -f -
-step "berth rollout status web   (progress until every instance runs generation 2)"
+step "berth rollout status web   (progress until every instance runs the new generation)"
 "$berth" rollout status web
 step "berth rollout history web"
 "$berth" rollout history web
