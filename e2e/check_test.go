@@ -71,11 +71,11 @@ func TestTTLCheck(t *testing.T) {
 	}
 	// warn: still healthy (discovery keeps warning endpoints), then the TTL
 	// runs out with no further update: critical, out of the view.
+	fed := time.Now() // the TTL runs from the update, which is in the call below
 	b.mustCLI("check", "warn", id)
 	if got := healthy(); got[id] != api.HealthWarning {
 		t.Fatalf("after berth check warn: %v", got)
 	}
-	fed := time.Now()
 	for time.Since(fed) < ttl/2 {
 		if got := healthy(); got[id] != api.HealthWarning {
 			t.Fatalf("%v after the last update, within the TTL: %v", time.Since(fed).Round(time.Millisecond), got)

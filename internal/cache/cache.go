@@ -24,8 +24,9 @@ var ErrGone = errors.New("revision is too old: list again and watch from the lis
 // Event is one change of one key.
 type Event = store.Event
 
-// DefaultRingSize is how many recent events are kept for watchers to resume.
-const DefaultRingSize = 100000
+// DefaultRingSize is how many recent events are kept for watchers to resume
+// (up to a tenth more, as the ring is trimmed in chunks).
+const DefaultRingSize = 50000
 
 // Cache mirrors the store under one prefix.
 type Cache struct {
@@ -125,7 +126,9 @@ func (c *Cache) apply(b store.Batch) {
 		c.rev = max(c.rev, ev.Revision)
 	}
 	c.rev = max(c.rev, b.Revision)
-	if over := len(c.ring) - c.size; over > 0 {
+	// Trim in chunks of a tenth of the ring, so that a full ring is not
+	// copied on every batch.
+	if over := len(c.ring) - c.size; over > c.size/10 {
 		// Drop whole revisions only, so a cursor never splits a transaction.
 		cut := over
 		for cut < len(c.ring) && c.ring[cut].Revision == c.ring[cut-1].Revision {

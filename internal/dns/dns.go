@@ -43,6 +43,13 @@
 // EDNS0, at most 4096), with TC set when answer or authority records had to
 // go (not for additional records alone, RFC 2181 9), so clients retry over
 // TCP, which gets everything up to 64 KiB.
+//
+// Answers with records are made once per version of a service's endpoints
+// when the Source tells versions (VersionedSource, as the server's registry
+// index does): the healthy addresses parsed, sorted and deduplicated, and
+// the A, AAAA and SRV records in wire format. Each query then only copies
+// them, rotated, after a header and the question, with every owner name
+// compressed to a pointer; no dns.Msg is built or packed.
 package dns
 
 import (

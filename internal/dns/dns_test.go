@@ -99,12 +99,16 @@ func (w *recorder) WriteMsg(m *dns.Msg) error {
 	return nil
 }
 
+// Write keeps an answer written in wire format, and its size as written.
 func (w *recorder) Write(b []byte) (int, error) {
 	m := new(dns.Msg)
 	if err := m.Unpack(b); err != nil {
+		w.t.Errorf("unpacking the answer: %v", err)
 		return 0, err
 	}
-	return len(b), w.WriteMsg(m)
+	w.msgs = append(w.msgs, m)
+	w.wire = append(w.wire, len(b))
+	return len(b), nil
 }
 
 func (w *recorder) Close() error        { return nil }

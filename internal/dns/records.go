@@ -1,7 +1,6 @@
 package dns
 
 import (
-	"cmp"
 	"hash/fnv"
 	"net/netip"
 	"slices"
@@ -22,6 +21,9 @@ type records struct {
 	src Source
 	// turn rotates the order of answers, one step per answer.
 	turn atomic.Uint64
+	// prepared keeps each service's answers while its endpoints stay the
+	// same, when src is a VersionedSource.
+	prepared preparedCache
 }
 
 func (s *records) serve(r *request) {
@@ -31,14 +33,34 @@ func (s *records) serve(r *request) {
 		return
 	}
 	service := l[len(l)-1]
-	eps, known := s.src.Endpoints(service)
+	var (
+		eps       []api.Endpoint
+		known     bool
+		version   int64
+		versioned bool
+	)
+	if vs, ok := s.src.(VersionedSource); ok {
+		eps, known, version = vs.EndpointsAt(service)
+		versioned = true
+	} else {
+		eps, known = s.src.Endpoints(service)
+	}
 	if !known {
+		if versioned {
+			s.prepared.drop(service)
+		}
 		s.negative(r, dns.RcodeNameError)
 		return
 	}
+	prep := func() *prepared {
+		if versioned {
+			return s.prepared.get(service, version, eps, s.z.ttl, s.z.name)
+		}
+		return prepare(eps, s.z.ttl, s.z.name, service)
+	}
 	switch {
 	case len(l) == 1: // S.Z
-		s.addresses(r, eps)
+		s.addresses(r, prep)
 	case len(l) == 2 && isProto(l[0]): // _tcp.S.Z: an empty non-terminal
 		if !slices.ContainsFunc(eps, func(ep api.Endpoint) bool { return len(ep.Ports) > 0 }) {
 			s.negative(r, dns.RcodeNameError)
@@ -51,15 +73,14 @@ func (s *records) serve(r *request) {
 			s.negative(r, dns.RcodeNameError)
 			return
 		}
-		s.addresses(r, eps)
+		s.addresses(r, func() *prepared { return prepare(eps, s.z.ttl, s.z.name, service) })
 	case len(l) == 3 && isProto(l[1]) && len(l[0]) > 1 && l[0][0] == '_': // _P._tcp.S.Z
 		port := l[0][1:]
-		eps = filter(eps, func(ep api.Endpoint) bool { _, ok := ep.Ports[port]; return ok })
-		if len(eps) == 0 {
+		if !slices.ContainsFunc(eps, func(ep api.Endpoint) bool { _, ok := ep.Ports[port]; return ok }) {
 			s.negative(r, dns.RcodeNameError)
 			return
 		}
-		s.services(r, service, port, eps)
+		s.services(r, prep, port)
 	default:
 		s.negative(r, dns.RcodeNameError)
 	}
@@ -81,33 +102,22 @@ func (s *records) apex(r *request) {
 	r.reply(m)
 }
 
-// addresses answers with the A or AAAA records of the healthy ones of eps,
-// an existing name's endpoints.
-func (s *records) addresses(r *request, eps []api.Endpoint) {
+// addresses answers with the A or AAAA records of the healthy endpoints of
+// an existing name, from prep.
+func (s *records) addresses(r *request, prep func() *prepared) {
 	want4, want6 := wants(r.q.Qtype)
 	if !want4 && !want6 {
 		s.negative(r, dns.RcodeSuccess)
 		return
 	}
-	addrs := make([]netip.Addr, 0, len(eps))
-	for _, ep := range eps {
-		if a, ok := address(ep); ok && (a.Is4() && want4 || a.Is6() && want6) {
-			addrs = append(addrs, a)
-		}
-	}
-	if len(addrs) == 0 {
+	set := prep().addresses(r.q.Qtype)
+	if set.len() == 0 {
 		s.negative(r, dns.RcodeSuccess)
 		return
 	}
-	slices.SortFunc(addrs, netip.Addr.Compare)
-	addrs = slices.Compact(addrs)
-	m := s.answer(r)
-	m.Answer = make([]dns.RR, 0, len(addrs))
-	off := s.rotation(len(addrs))
-	for i := range addrs {
-		m.Answer = append(m.Answer, s.addressRR(r.q.Name, addrs[(off+i)%len(addrs)]))
+	if !writeRRs(r, set, s.rotation(set.len())) {
+		r.fail(dns.RcodeServerFailure)
 	}
-	r.reply(m)
 }
 
 // wants tells which address families a query of type t asks for.
@@ -135,80 +145,22 @@ func address(ep api.Endpoint) (netip.Addr, bool) {
 	return a.Unmap().WithZone(""), true
 }
 
-// addressRR is the A or AAAA record saying name has address a.
-func (s *records) addressRR(name string, a netip.Addr) dns.RR {
-	if a.Is4() {
-		return &dns.A{
-			Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: s.z.ttl},
-			A:   a.AsSlice(),
-		}
-	}
-	return &dns.AAAA{
-		Hdr:  dns.RR_Header{Name: name, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: s.z.ttl},
-		AAAA: a.AsSlice(),
-	}
-}
-
-// services answers with the SRV records of port of the healthy ones of eps,
-// the endpoints of service that have that port, and the targets' addresses
-// as additional records.
-func (s *records) services(r *request, service, port string, eps []api.Endpoint) {
+// services answers with the SRV records of port of the healthy endpoints
+// of a service that have that port, and the targets' addresses as
+// additional records, from prep.
+func (s *records) services(r *request, prep func() *prepared, port string) {
 	if r.q.Qtype != dns.TypeSRV && r.q.Qtype != dns.TypeANY {
 		s.negative(r, dns.RcodeSuccess)
 		return
 	}
-	type srv struct {
-		target string
-		port   uint16
-	}
-	type glue struct {
-		target string
-		addr   netip.Addr
-	}
-	srvs := make([]srv, 0, len(eps))
-	glues := make([]glue, 0, len(eps))
-	for _, ep := range eps {
-		a, ok := address(ep)
-		p := ep.Ports[port]
-		if !ok || p <= 0 || p > 65535 {
-			continue
-		}
-		t := joinName(s.z.name, idLabel(ep.ID), service)
-		srvs = append(srvs, srv{t, uint16(p)})
-		glues = append(glues, glue{t, a})
-	}
-	if len(srvs) == 0 {
+	set := prep().services(port)
+	if set.srv.len() == 0 {
 		s.negative(r, dns.RcodeSuccess)
 		return
 	}
-	// An id on several networks has one name, several addresses and,
-	// usually, one port: one SRV record, several additional ones.
-	slices.SortFunc(srvs, func(a, b srv) int {
-		return cmp.Or(strings.Compare(a.target, b.target), cmp.Compare(a.port, b.port))
-	})
-	srvs = slices.Compact(srvs)
-	slices.SortFunc(glues, func(a, b glue) int {
-		return cmp.Or(strings.Compare(a.target, b.target), a.addr.Compare(b.addr))
-	})
-	glues = slices.Compact(glues)
-	m := s.answer(r)
-	m.Answer = make([]dns.RR, 0, len(srvs))
-	off := s.rotation(len(srvs))
-	for i := range srvs {
-		t := srvs[(off+i)%len(srvs)]
-		m.Answer = append(m.Answer, &dns.SRV{
-			Hdr:      dns.RR_Header{Name: r.q.Name, Rrtype: dns.TypeSRV, Class: dns.ClassINET, Ttl: s.z.ttl},
-			Priority: 0,
-			Weight:   srvWeight,
-			Port:     t.port,
-			Target:   t.target,
-		})
+	if !writeSRV(r, set, s.rotation(set.srv.len())) {
+		r.fail(dns.RcodeServerFailure)
 	}
-	m.Extra = make([]dns.RR, 0, len(glues))
-	for _, g := range glues {
-		m.Extra = append(m.Extra, s.addressRR(g.target, g.addr))
-	}
-	r.reply(m)
 }
 
 // rotation is the offset to start n records at in this answer.

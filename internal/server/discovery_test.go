@@ -1,17 +1,23 @@
 package server
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
+	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/internal/cache"
 	"github.com/berth-dev/berth/internal/store"
 )
 
@@ -232,7 +238,7 @@ func TestDiscoveryIndexRebuilds(t *testing.T) {
 	// An index whose revision the cache holds no events after (as after a
 	// relist), with a stale entry that a rebuild must drop.
 	x := &registryIndex{built: true, rev: 1, services: map[string]*serviceIndex{
-		"gone": {exists: true, eps: []api.Endpoint{{ID: "old"}}}}, owner: map[string]string{}}
+		"gone": {name: "gone", exists: true, regs: map[string]regEntry{"old": {address: "192.0.2.1"}}}}, owner: map[string]string{}}
 	if _, _, _, err := e.srv.cache.Since(1, store.Prefix); err == nil {
 		t.Skip("the cache still holds every event since revision 1")
 	}
@@ -371,8 +377,8 @@ func BenchmarkDiscoveryLookup(b *testing.B) {
 	})
 	b.Run("WatchView", func(b *testing.B) {
 		for i := 0; b.Loop(); i++ {
-			if v, _ := s.view(fmt.Sprintf("svc%03d", i%services), discoveryFilter{healthy: true}); len(v) != per {
-				b.Fatalf("%d endpoints", len(v))
+			if v, _ := s.filtered(fmt.Sprintf("svc%03d", i%services), discoveryFilter{healthy: true}); len(v.eps) != per {
+				b.Fatalf("%d endpoints", len(v.eps))
 			}
 		}
 	})
@@ -405,4 +411,508 @@ func BenchmarkDiscoveryLookup(b *testing.B) {
 			}
 		})
 	}
+}
+
+// viewOf makes a view of eps as the index would.
+func viewOf(eps ...api.Endpoint) *view {
+	slices.SortFunc(eps, func(a, b api.Endpoint) int { return strings.Compare(endpointKey(a), endpointKey(b)) })
+	v := newView(len(eps))
+	for i, ep := range eps {
+		v.eps[i], v.enc[i] = ep, encodeEndpoint(ep)
+	}
+	return v
+}
+
+// TestRenderDiff: the lines a watch step sends are what json.Encoder makes
+// of the events the step is: puts of endpoints added or changed, in key
+// order, deletes of those gone, in key order, and a bookmark.
+func TestRenderDiff(t *testing.T) {
+	a := api.Endpoint{Service: "web", ID: "a", Address: "10.0.0.1", Port: 80, Health: api.HealthPassing, External: true,
+		Meta: map[string]string{"zone": "z1"}, Ports: map[string]int{"http": 80}}
+	a2 := a
+	a2.Meta = map[string]string{"zone": "z2"}
+	b := api.Endpoint{Service: "web", ID: "b", Address: "10.0.0.2", Network: "n1", Node: "node-1", Health: api.HealthCritical}
+	c := api.Endpoint{Service: "web", ID: "c<&>", Address: "fd00::1", Health: api.HealthWarning, Meta: map[string]string{"x": "<y>"}}
+	type ev struct {
+		typ string
+		ep  api.Endpoint
+	}
+	tests := []struct {
+		name      string
+		prev, cur *view
+		want      []ev
+	}{
+		{"from nothing", nil, viewOf(b, a, c), []ev{{api.EventPut, a}, {api.EventPut, b}, {api.EventPut, c}}},
+		{"nothing to nothing", nil, emptyView, nil},
+		{"unchanged", viewOf(a, b), viewOf(a, b), nil},
+		{"one changed", viewOf(a, b), viewOf(a2, b), []ev{{api.EventPut, a2}}},
+		{"added and gone", viewOf(a, b), viewOf(b, c), []ev{{api.EventPut, c}, {api.EventDelete, a}}},
+		{"all gone", viewOf(c, a, b), emptyView, []ev{{api.EventDelete, a}, {api.EventDelete, b}, {api.EventDelete, c}}},
+	}
+	const rev = 42
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var want bytes.Buffer
+			enc := json.NewEncoder(&want)
+			for _, e := range tt.want {
+				obj, _ := json.Marshal(e.ep)
+				_ = enc.Encode(api.Event{Type: e.typ, Kind: "endpoint", Name: endpointKey(e.ep), Revision: rev, Object: obj})
+			}
+			_ = enc.Encode(api.Event{Type: api.EventBookmark, Revision: rev})
+			got := tt.cur.linesFrom(tt.prev, rev)
+			if string(got) != want.String() {
+				t.Fatalf("lines\n%s\nwant\n%s", got, want.String())
+			}
+			// The same step again is the same bytes, rendered once.
+			if again := tt.cur.linesFrom(tt.prev, rev); &again[0] != &got[0] {
+				t.Fatal("the same step rendered twice")
+			}
+		})
+	}
+}
+
+// TestWriteList: a discovery answer put together from the view's encodings
+// is what writeJSON makes of the list.
+func TestWriteList(t *testing.T) {
+	a := api.Endpoint{Service: "web", ID: "a", Address: "10.0.0.1", Port: 80, Health: api.HealthPassing, External: true,
+		Meta: map[string]string{"zone": "z1"}, Ports: map[string]int{"http": 80}}
+	b := api.Endpoint{Service: "web", ID: "b", Address: "10.0.0.2", Network: "n1", Health: api.HealthCritical}
+	for _, v := range []*view{emptyView, viewOf(a), viewOf(a, b)} {
+		got, want := httptest.NewRecorder(), httptest.NewRecorder()
+		writeList(got, v, 7)
+		items := v.eps
+		if items == nil {
+			items = []api.Endpoint{}
+		}
+		writeJSON(want, http.StatusOK, api.List[api.Endpoint]{Items: items, Revision: 7})
+		if got.Body.String() != want.Body.String() || got.Code != want.Code ||
+			got.Header().Get("Content-Type") != want.Header().Get("Content-Type") {
+			t.Fatalf("answer %d %q\n%s\nwant %d %q\n%s", got.Code, got.Header(), got.Body, want.Code, want.Header(), want.Body)
+		}
+		if cl := got.Header().Get("Content-Length"); cl != fmt.Sprint(got.Body.Len()) {
+			t.Fatalf("Content-Length %s for %d bytes", cl, got.Body.Len())
+		}
+	}
+}
+
+// TestDiscoveryAnswersFollowChanges: the cached views, answers and watch
+// lines are right after every change, for several filters at once: GET
+// answers the new set at once, and every watch stream (two per filter)
+// reaches it.
+func TestDiscoveryAnswersFollowChanges(t *testing.T) {
+	e := startEnv(t)
+	ctx := e.ctx
+	filters := []struct {
+		query string
+		f     discoveryFilter
+	}{
+		{"", discoveryFilter{}},
+		{"?healthy=1", discoveryFilter{healthy: true}},
+		{"?meta=zone:a", discoveryFilter{meta: map[string]string{"zone": "a"}}},
+		{"?healthy=1&meta=zone:a", discoveryFilter{healthy: true, meta: map[string]string{"zone": "a"}}},
+		{"?network=n1", discoveryFilter{network: "n1"}},
+	}
+	type stream struct {
+		query string
+		f     discoveryFilter
+		mu    sync.Mutex
+		state map[string]api.Endpoint
+		rev   int64
+	}
+	var streams []*stream
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for _, fl := range filters {
+		for range 2 {
+			st := &stream{query: fl.query, f: fl.f, state: map[string]api.Endpoint{}}
+			streams = append(streams, st)
+			w, err := e.c.Watch(ctx, "/v1/discovery/web"+fl.query, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close()
+			wg.Go(func() {
+				for {
+					ev, err := w.Next()
+					if err != nil {
+						return
+					}
+					st.mu.Lock()
+					switch ev.Type {
+					case api.EventPut:
+						var ep api.Endpoint
+						if err := json.Unmarshal(ev.Object, &ep); err != nil {
+							t.Errorf("event object: %v", err)
+						}
+						st.state[ev.Name] = ep
+					case api.EventDelete:
+						delete(st.state, ev.Name)
+					case api.EventBookmark:
+						st.rev = ev.Revision
+					}
+					st.mu.Unlock()
+				}
+			})
+		}
+	}
+	want := map[string]api.Endpoint{} // every endpoint of web
+	reg := func(id, addr, health, zone string) int64 {
+		t.Helper()
+		r, err := e.c.Register(ctx, "web", id, api.RegistrationSpec{Address: addr, Port: 80, Health: health,
+			Meta: map[string]string{"zone": zone}, Ports: map[string]int{"http": 80}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[id+"@"] = api.Endpoint{Service: "web", ID: id, Address: addr, Port: 80, Health: r.Health,
+			Meta: map[string]string{"zone": zone}, Ports: map[string]int{"http": 80}, External: true}
+		return r.Revision
+	}
+	inst := func(id, ip, state string) int64 {
+		t.Helper()
+		in := api.Instance{ID: id, Service: "web", Generation: 1, Node: "n1", DesiredState: api.DesiredRunning,
+			Status: api.InstanceStatus{State: state, VNICs: []api.VNIC{{Network: "n1", Interface: "eth0", IP: ip}}}}
+		rev, err := e.st.Put(ctx, keyInstances+id, in, -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ep := range instanceEndpoints(in, nil) {
+			want[endpointKey(ep)] = ep
+		}
+		return rev
+	}
+	steps := []struct {
+		name string
+		do   func() int64
+	}{
+		{"first registration", func() int64 { return reg("a", "10.0.0.1", "", "a") }},
+		{"second, other zone", func() int64 { return reg("b", "10.0.0.2", "", "b") }},
+		{"an instance", func() int64 { return inst("web-1", "10.1.0.1", api.InstanceRunning) }},
+		{"first moves zone", func() int64 { return reg("a", "10.0.0.1", "", "b") }},
+		{"first back, critical", func() int64 { return reg("a", "10.0.0.1", api.HealthCritical, "a") }},
+		{"second in zone a", func() int64 { return reg("b", "10.0.0.2", api.HealthWarning, "a") }},
+		{"the instance fails", func() int64 { return inst("web-1", "10.1.0.1", api.InstanceFailed) }},
+		{"first deregistered", func() int64 {
+			if err := e.c.Deregister(ctx, "web", "a"); err != nil {
+				t.Fatal(err)
+			}
+			delete(want, "a@")
+			_, rev, err := e.st.List(ctx, keyRegistrations+"web/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return rev
+		}},
+		{"the instance removed", func() int64 {
+			rev, err := e.st.Delete(ctx, keyInstances+"web-1", -1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			delete(want, "web-1@n1")
+			return rev
+		}},
+	}
+	for _, s := range steps {
+		rev := s.do()
+		e.waitCache(rev)
+		for _, fl := range filters {
+			exp := map[string]api.Endpoint{}
+			for k, ep := range want {
+				if fl.f.keep(ep) {
+					exp[k] = ep
+				}
+			}
+			var l api.List[api.Endpoint]
+			e.rawInto("GET", "/v1/discovery/web"+fl.query, "", http.StatusOK, &l)
+			got := map[string]api.Endpoint{}
+			for _, ep := range l.Items {
+				got[endpointKey(ep)] = ep
+			}
+			if !reflect.DeepEqual(got, exp) {
+				t.Fatalf("%s: GET %s = %+v, want %+v", s.name, fl.query, got, exp)
+			}
+			if !slices.IsSortedFunc(l.Items, func(a, b api.Endpoint) int { return strings.Compare(endpointKey(a), endpointKey(b)) }) {
+				t.Fatalf("%s: GET %s not sorted by key", s.name, fl.query)
+			}
+		}
+		for _, st := range streams {
+			exp := map[string]api.Endpoint{}
+			for k, ep := range want {
+				if st.f.keep(ep) {
+					exp[k] = ep
+				}
+			}
+			eventually(t, 5*time.Second, s.name+": stream "+st.query, func() bool {
+				st.mu.Lock()
+				defer st.mu.Unlock()
+				return st.rev >= rev && reflect.DeepEqual(st.state, exp)
+			})
+		}
+	}
+}
+
+// TestViewReusesEncodings: a new view of a service encodes only the
+// endpoints that changed, and views of filters that keep everything are
+// the view of every endpoint.
+func TestViewReusesEncodings(t *testing.T) {
+	e := startEnv(t)
+	var last int64
+	for i := range 5 {
+		r, err := e.c.Register(e.ctx, "web", fmt.Sprintf("r%d", i), api.RegistrationSpec{Address: fmt.Sprintf("10.0.0.%d", i+1), Port: 80})
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = r.Revision
+	}
+	e.waitCache(last)
+	v1, _ := e.srv.filtered("web", discoveryFilter{})
+	if h, _ := e.srv.filtered("web", discoveryFilter{healthy: true}); h != v1 {
+		t.Fatal("a filter keeping every endpoint made a view of its own")
+	}
+	r, err := e.c.Register(e.ctx, "web", "r2", api.RegistrationSpec{Address: "10.0.0.99", Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.waitCache(r.Revision)
+	v2, _ := e.srv.filtered("web", discoveryFilter{})
+	if v2 == v1 || len(v2.enc) != 5 {
+		t.Fatalf("after a change: same view %v, %d endpoints", v2 == v1, len(v2.enc))
+	}
+	for i := range v2.enc {
+		same := &v2.enc[i][0] == &v1.enc[i][0]
+		if changed := v2.eps[i].ID == "r2"; same == changed {
+			t.Fatalf("%s: encoding reused %v, changed %v", v2.eps[i].ID, same, changed)
+		}
+		if !bytes.Equal(v2.enc[i], encodeEndpoint(v2.eps[i])) {
+			t.Fatalf("%s: encoding %s of %+v", v2.eps[i].ID, v2.enc[i], v2.eps[i])
+		}
+	}
+}
+
+// TestRegistrationMapsInterned: registrations with equal ports and
+// metadata share the maps, counted, and none is left when they are gone.
+func TestRegistrationMapsInterned(t *testing.T) {
+	e := startEnv(t)
+	spec := api.RegistrationSpec{Address: "10.0.0.1", Port: 80, Ports: map[string]int{"http": 80}, Meta: map[string]string{"zone": "a"}}
+	var last int64
+	for i := range 10 {
+		r, err := e.c.Register(e.ctx, fmt.Sprintf("s%d", i%2), fmt.Sprintf("r%d", i), spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = r.Revision
+	}
+	e.waitCache(last)
+	x := e.srv.index()
+	eps0, _, _, _ := x.lookup(e.srv.cache, "s0")
+	eps1, _, _, _ := x.lookup(e.srv.cache, "s1")
+	if len(eps0) != 5 || len(eps1) != 5 {
+		t.Fatalf("%d and %d endpoints", len(eps0), len(eps1))
+	}
+	x.mu.RLock()
+	np, nm := len(x.ports), len(x.meta)
+	var refs int
+	for _, in := range x.meta {
+		refs = in.refs
+	}
+	x.mu.RUnlock()
+	if np != 1 || nm != 1 || refs != 10 {
+		t.Fatalf("interned %d ports maps, %d meta maps (%d users), want 1, 1 (10)", np, nm, refs)
+	}
+	if reflect.ValueOf(eps0[0].Meta).UnsafePointer() != reflect.ValueOf(eps1[4].Meta).UnsafePointer() {
+		t.Fatal("equal metadata not shared")
+	}
+	for i := range 10 {
+		if err := e.c.Deregister(e.ctx, fmt.Sprintf("s%d", i%2), fmt.Sprintf("r%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, 5*time.Second, "every registration gone from the index", func() bool {
+		eps, _, _, _ := x.lookup(e.srv.cache, "s0")
+		more, _, _, _ := x.lookup(e.srv.cache, "s1")
+		return len(eps) == 0 && len(more) == 0
+	})
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	if len(x.ports) != 0 || len(x.meta) != 0 {
+		t.Fatalf("%d ports and %d meta maps left interned", len(x.ports), len(x.meta))
+	}
+}
+
+// TestCompareKeys: comparing endpoints' keys without making them orders
+// them as their keys do, ids that are prefixes of others included.
+func TestCompareKeys(t *testing.T) {
+	ids := []string{"", "a", "a-b", "a.b", "a_b", "ab", "a0", "A", "b", "web-1", "web-10", "web-1-x", "a@", "a@n", "a@n1", "a@@"}
+	nets := []string{"", "n", "n1", "default", "a-b"}
+	var eps []api.Endpoint
+	for _, id := range ids {
+		for _, n := range nets {
+			eps = append(eps, api.Endpoint{ID: id, Network: n})
+		}
+	}
+	for _, a := range eps {
+		for _, b := range eps {
+			if got, want := compareKeys(&a, &b), strings.Compare(endpointKey(a), endpointKey(b)); got != want {
+				t.Fatalf("compareKeys(%q, %q) = %d, want %d", endpointKey(a), endpointKey(b), got, want)
+			}
+		}
+	}
+}
+
+// BenchmarkDiscoverHandler: GET /v1/discovery/NAME?healthy=1 of a service
+// of 100 endpoints among 10,000, through the handler (no network).
+func BenchmarkDiscoverHandler(b *testing.B) {
+	const services, per = 100, 100
+	s := seedDiscovery(b, services, per)
+	h := s.Handler()
+	reqs := make([]*http.Request, services)
+	for i := range reqs {
+		reqs[i] = httptest.NewRequest(http.MethodGet, fmt.Sprintf("/v1/discovery/svc%03d?healthy=1", i), nil)
+	}
+	w := &nopWriter{h: http.Header{}}
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		w.n, w.status = 0, 0
+		h.ServeHTTP(w, reqs[i%services])
+		if w.status != http.StatusOK || w.n < 100*per {
+			b.Fatalf("status %d, %d bytes", w.status, w.n)
+		}
+	}
+}
+
+// nopWriter is a ResponseWriter that counts what is written.
+type nopWriter struct {
+	h      http.Header
+	status int
+	n      int
+}
+
+func (w *nopWriter) Header() http.Header { return w.h }
+func (w *nopWriter) WriteHeader(s int)   { w.status = s }
+func (w *nopWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	w.n += len(p)
+	return len(p), nil
+}
+
+// BenchmarkIndexChange: one registration of a service of 100 changes, and
+// the service is looked up again (the index's part of every change: decode,
+// sort, encode what changed), without etcd.
+func BenchmarkIndexChange(b *testing.B) {
+	x := &registryIndex{built: true, services: map[string]*serviceIndex{}, owner: map[string]string{}}
+	reg := func(i, seq int) cache.Event {
+		r := api.Registration{Service: "svc", ID: fmt.Sprintf("r-%03d", i), RegistrationSpec: api.RegistrationSpec{
+			Address: fmt.Sprintf("10.0.0.%d", i+1), Port: 8080, Ports: map[string]int{"http": 8080},
+			Meta: map[string]string{"zone": "a", "seq": fmt.Sprint(seq)}, Health: api.HealthPassing}}
+		v, _ := json.Marshal(r)
+		return cache.Event{Key: regKey("svc", r.ID), Value: v, Revision: int64(seq)}
+	}
+	for i := range 100 {
+		x.apply(reg(i, i+1))
+	}
+	evs := make([]cache.Event, 100)
+	for i := range evs {
+		evs[i] = reg(i, 1000+i)
+	}
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		ev := evs[i%100]
+		ev.Revision = int64(1000 + i)
+		x.mu.Lock()
+		x.apply(ev)
+		x.mu.Unlock()
+		x.mu.RLock()
+		s, _ := x.current("svc")
+		x.mu.RUnlock()
+		if len(s.all().eps) != 100 {
+			b.Fatal(len(s.all().eps))
+		}
+	}
+}
+
+// BenchmarkWatchFanOut: a change of a service reaching 1,000 discovery
+// watch streams of it (GET ?healthy=1&watch=1 over loopback HTTP, clients
+// that only look for the change in the lines): the time from the write
+// sent until every stream has it, per change; p99-ms is over streams.
+func BenchmarkWatchFanOut(b *testing.B) {
+	const streams = 1000
+	s := seedDiscovery(b, 10, 100)
+	ts := httptest.NewServer(s.Handler())
+	defer ts.Close()
+	tr := &http.Transport{MaxIdleConnsPerHost: streams, MaxConnsPerHost: 0}
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Transport: tr}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var (
+		mu      sync.Mutex
+		want    string
+		seen    int
+		all     = make(chan struct{}, 1)
+		started = time.Now()
+		lat     []time.Duration
+		ready   sync.WaitGroup
+		wg      sync.WaitGroup
+	)
+	for range streams {
+		ready.Add(1)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, ts.URL+"/v1/discovery/svc000?healthy=1&watch=1", nil)
+		resp, err := hc.Do(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		wg.Go(func() {
+			defer resp.Body.Close()
+			rd := bufio.NewReaderSize(resp.Body, 64<<10)
+			synced := false
+			for {
+				line, err := rd.ReadSlice('\n')
+				if err != nil {
+					return
+				}
+				if !synced && bytes.HasPrefix(line, []byte(`{"type":"bookmark"`)) {
+					synced = true
+					ready.Done()
+					continue
+				}
+				mu.Lock()
+				if want != "" && bytes.Contains(line, []byte(want)) {
+					lat = append(lat, time.Since(started))
+					if seen++; seen == streams {
+						all <- struct{}{}
+					}
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	ready.Wait()
+	in := api.Instance{ID: "svc000-0000", Service: "svc000", Generation: 1, Node: "n1", DesiredState: api.DesiredRunning,
+		Status: api.InstanceStatus{State: api.InstanceRunning, VNICs: []api.VNIC{{Network: "default", Interface: "eth0"}}}}
+	var p99 []float64
+	for i := 0; b.Loop(); i++ {
+		ip := fmt.Sprintf("10.255.%d.%d", i/250%250, i%250+1)
+		in.Status.VNICs[0].IP = ip
+		mu.Lock()
+		want, seen, lat, started = `"address":"`+ip+`"`, 0, lat[:0], time.Now()
+		mu.Unlock()
+		if _, err := s.st.Put(ctx, keyInstances+in.ID, in, -1); err != nil {
+			b.Fatal(err)
+		}
+		select {
+		case <-all:
+		case <-time.After(10 * time.Second):
+			b.Fatalf("%d of %d streams got the change", seen, streams)
+		}
+		mu.Lock()
+		slices.Sort(lat)
+		p99 = append(p99, float64(lat[len(lat)*99/100])/1e6)
+		mu.Unlock()
+	}
+	slices.Sort(p99)
+	b.ReportMetric(p99[len(p99)/2], "p99-ms")
+	cancel()
+	ts.CloseClientConnections()
+	wg.Wait()
 }

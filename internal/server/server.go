@@ -59,6 +59,7 @@ type Server struct {
 	heartbeats map[string]time.Time // last heartbeat seen by this server, per node
 
 	regIndex *registryIndex // discovery's per-service view of the cache
+	leases   *leasePool     // registrations' leases, granted ahead of time
 }
 
 // New returns a server over st. Run must be called to fill its cache and
@@ -75,7 +76,7 @@ func New(st *store.Store, log *slog.Logger, opts Options) *Server {
 		opts.ID = fmt.Sprintf("%s-%d", h, os.Getpid())
 	}
 	return &Server{st: st, cache: cache.New(st, store.Prefix, log), log: log, opts: opts,
-		heartbeats: map[string]time.Time{}, regIndex: &registryIndex{}}
+		heartbeats: map[string]time.Time{}, regIndex: &registryIndex{}, leases: newLeasePool(st, log)}
 }
 
 // Ready is closed once the server can answer watches.
@@ -96,6 +97,7 @@ func (s *Server) Run(ctx context.Context) error {
 		s.lead(ctx)
 	}()
 	wg.Wait()
+	s.leases.close()
 	return nil
 }
 
