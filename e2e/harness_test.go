@@ -49,6 +49,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "build etcdmember: %v\n%s", err, out)
 		os.Exit(1)
 	}
+	sweepStaleNodes()
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

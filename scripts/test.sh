@@ -37,5 +37,10 @@ for p in /proc/[0-9]*; do
 done
 if grep -q ' /tmp/Test' /proc/self/mountinfo; then echo "tests left mounts:" >&2; grep ' /tmp/Test' /proc/self/mountinfo >&2; leaks=1; fi
 if ls -d /run/berth-* >/dev/null 2>&1 && [ ! -f .berth/dev.pid ]; then echo "left: $(ls -d /run/berth-*)" >&2; leaks=1; fi
+if [ ! -f .berth/dev.pid ]; then
+  for c in /sys/fs/cgroup/berth /sys/fs/cgroup/*/berth; do
+    [ -d "$c" ] && { echo "left a container cgroup: $c" >&2; leaks=1; break; }
+  done
+fi
 [ "$leaks" = 0 ] || exit 1
 echo "all tests passed"

@@ -219,6 +219,18 @@ func Shutdown(ctx context.Context, p Paths, log *slog.Logger) error {
 	for _, pid := range shimsOf(p) {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
+	// Containers killed with their shims leave their cgroups behind: remove
+	// those of this runtime's containers (named in its runc root), and then
+	// the common parent when nothing else is in it.
+	var ids []string
+	if ents, err := os.ReadDir(p.RuncRoot); err == nil {
+		for _, e := range ents {
+			if e.IsDir() {
+				ids = append(ids, e.Name())
+			}
+		}
+	}
+	removeCgroups(ids)
 	// The run dir also holds instances' network namespaces (bind mounts).
 	for _, dir := range []string{p.State, p.Root, p.RuncRoot, filepath.Dir(p.Socket)} {
 		if err := unmountUnder(dir); err != nil {
@@ -226,13 +238,46 @@ func Shutdown(ctx context.Context, p Paths, log *slog.Logger) error {
 		}
 	}
 	_ = os.RemoveAll(filepath.Dir(p.Socket))
-	// The cgroup parent of berth's containers, when nothing is left in it.
-	if dirs, err := filepath.Glob("/sys/fs/cgroup/*/" + Namespace); err == nil {
-		for _, d := range dirs {
-			_ = syscall.Rmdir(d)
+	return errors.Join(errs...)
+}
+
+// removeCgroups removes the cgroups of the named containers under berth's
+// cgroup parent, on cgroup v1 (one tree per controller) and v2, and then
+// the parent itself when nothing else is left in it. Processes still in
+// them (containers whose containerd and shims are gone) are killed first.
+func removeCgroups(ids []string) {
+	var parents []string
+	for _, pattern := range []string{"/sys/fs/cgroup/*/" + Namespace, "/sys/fs/cgroup/" + Namespace} {
+		if dirs, err := filepath.Glob(pattern); err == nil {
+			parents = append(parents, dirs...)
 		}
 	}
-	return errors.Join(errs...)
+	for _, parent := range parents {
+		for _, id := range ids {
+			dir := filepath.Join(parent, id)
+			for i := 0; i < 50; i++ {
+				if err := syscall.Rmdir(dir); err == nil || !errors.Is(err, syscall.EBUSY) {
+					break
+				}
+				killCgroup(dir)
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+		_ = syscall.Rmdir(parent)
+	}
+}
+
+// killCgroup sends SIGKILL to every process in a cgroup directory.
+func killCgroup(dir string) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return
+	}
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
 }
 
 // volatileRunDir puts a new run directory (containerd's state, the runc
