@@ -239,6 +239,12 @@ type Placement struct {
 type SecuritySpec struct {
 	User                   string `json:"user,omitempty"`
 	ReadOnlyRootFilesystem bool   `json:"readOnlyRootFilesystem,omitempty"`
+	// Allow32Bit lets the container make 32-bit (x86, x32) system calls,
+	// for images with 32-bit binaries. By default the seccomp filter allows
+	// the node's native architecture only: the compat system call paths
+	// are a large attack surface few images need, and a filter for one
+	// architecture is much cheaper to build at every start.
+	Allow32Bit bool `json:"allow32bit,omitempty"`
 }
 
 // Service is a stored service: its spec and what berth made of it.

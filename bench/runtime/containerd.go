@@ -139,7 +139,7 @@ func (s *ctdSubject) start(ctx context.Context, id string) error {
 	if err := s.r.Create(ctx, spec); err != nil {
 		return err
 	}
-	pid, err := s.r.Start(ctx, id, s.logPath(id))
+	pid, err := s.r.Start(ctx, id, s.logPath(id), nil)
 	s.pids.set(id, int(pid))
 	return err
 }

@@ -29,7 +29,7 @@ const (
 // runtimeAPI is what the agent needs of the container runtime.
 type runtimeAPI interface {
 	Create(ctx context.Context, s runtime.Spec) error
-	Start(ctx context.Context, id, logPath string) (uint32, error)
+	Start(ctx context.Context, id, logPath string, gate func() error) (uint32, error)
 	Stop(ctx context.Context, id string, grace time.Duration) (int, error)
 	Remove(ctx context.Context, id string) error
 	Update(ctx context.Context, id string, res api.ResourceSpec) error
@@ -388,28 +388,23 @@ func (w *worker) reconcile(ctx context.Context) bool {
 	case !exists:
 		w.restartAt = time.Time{}
 		atts, err := w.attachments(ctx, spec)
+		var netns string
 		if err == nil {
-			var netns string
-			var vnics []api.VNIC
-			if netns, vnics, err = w.m.a.net.Setup(ctx, w.id, atts); err == nil {
-				w.status.VNICs = vnics
-				w.netns = netns
-				for _, a := range atts {
-					w.m.a.dns.ensure(ctx, network.Gateway(a))
-				}
-			}
+			netns, err = w.m.a.net.Prepare(w.id)
 		}
 		if err != nil {
-			// Networks may just not be ready here yet (an overlay slice
-			// being assigned): report, and try again shortly.
-			w.fail(ctx, api.ReasonStartFailed, err.Error())
-			w.restartAt = time.Now().Add(2 * time.Second)
+			w.netFailed(ctx, err)
 			return false
 		}
+		w.netns = netns
+		// The VNICs are made while containerd creates the container and
+		// its task; the process runs once they are ready.
+		net := w.setupNetwork(ctx, atts)
 		w.status.Ports = portBindings(spec)
 		rs := w.runtimeSpec(in, spec)
-		rs.NetnsPath = w.netns
+		rs.NetnsPath = netns
 		if err := rt.Create(ctx, rs); err != nil {
+			net.wait()
 			reason := api.ReasonStartFailed
 			if errors.Is(err, runtime.ErrImageNotFound) {
 				reason = api.ReasonImageNotFound
@@ -417,7 +412,28 @@ func (w *worker) reconcile(ctx context.Context) bool {
 			w.fail(ctx, reason, err.Error())
 			return false
 		}
-		w.start(ctx, in)
+		var netErr error
+		w.startGated(ctx, in, func() error {
+			vnics, err := net.wait()
+			if err != nil {
+				netErr = err
+				return err
+			}
+			w.status.VNICs = vnics
+			w.writeNameFiles()
+			for _, a := range atts {
+				w.m.a.dns.ensure(ctx, network.Gateway(a))
+			}
+			return nil
+		})
+		net.wait()
+		if netErr != nil {
+			// Start over from no container, with the network, next time.
+			if err := rt.Remove(ctx, w.id); err != nil {
+				w.log().warn("agent: remove", "err", err)
+			}
+			w.restartAt = time.Now().Add(2 * time.Second) // reported by startGated
+		}
 	case st.Running:
 		if w.status.State != api.InstanceRunning {
 			// Found running (an agent restart): report it as it is.
@@ -515,9 +531,44 @@ func (w *worker) backoff(spec api.ServiceSpec) time.Duration {
 	return min(d, maxD)
 }
 
-func (w *worker) start(ctx context.Context, in *api.Instance) {
+// netFailed reports that the instance's networks could not be set up.
+// They may just not be ready here yet (an overlay slice being assigned):
+// it is tried again shortly.
+func (w *worker) netFailed(ctx context.Context, err error) {
+	w.fail(ctx, api.ReasonStartFailed, err.Error())
+	w.restartAt = time.Now().Add(2 * time.Second)
+}
+
+// netSetup is the network setup of one start, running beside it.
+type netSetup struct {
+	done  chan struct{}
+	vnics []api.VNIC
+	err   error
+}
+
+// setupNetwork gives the instance its VNICs in the background; wait
+// returns them.
+func (w *worker) setupNetwork(ctx context.Context, atts []network.Attachment) *netSetup {
+	n := &netSetup{done: make(chan struct{})}
+	go func() {
+		defer close(n.done)
+		_, n.vnics, n.err = w.m.a.net.Setup(ctx, w.id, atts)
+	}()
+	return n
+}
+
+func (n *netSetup) wait() ([]api.VNIC, error) {
+	<-n.done
+	return n.vnics, n.err
+}
+
+func (w *worker) start(ctx context.Context, in *api.Instance) { w.startGated(ctx, in, nil) }
+
+// startGated starts the instance's process; gate (when not nil) must
+// return nil before it runs (runtime.Containerd.Start).
+func (w *worker) startGated(ctx context.Context, in *api.Instance, gate func() error) {
 	w.status.State, w.status.Reason, w.status.Message = api.InstanceStarting, "", ""
-	if _, err := w.m.rt.Start(ctx, w.id, w.m.a.logPath(w.id)); err != nil {
+	if _, err := w.m.rt.Start(ctx, w.id, w.m.a.logPath(w.id), gate); err != nil {
 		w.fail(ctx, api.ReasonStartFailed, err.Error())
 		return
 	}
@@ -702,22 +753,31 @@ func isDone(ch chan struct{}) bool {
 }
 
 func (w *worker) runtimeSpec(in *api.Instance, spec api.ServiceSpec) runtime.Spec {
+	resolv, hosts := w.writeNameFiles()
+	return runtime.Spec{
+		ID: w.id, Image: spec.Image, Command: spec.Command, Args: spec.Args, Env: spec.Env,
+		Resources: in.Resources, User: spec.Security.User, ReadOnly: spec.Security.ReadOnlyRootFilesystem,
+		Allow32Bit: spec.Security.Allow32Bit,
+		Hostname:   w.id, ResolvConf: resolv, Hosts: hosts, LogPath: w.m.a.logPath(w.id),
+		Labels: map[string]string{LabelInstance: w.id, LabelService: in.Service},
+	}
+}
+
+// writeNameFiles writes the instance's /etc/resolv.conf and /etc/hosts
+// from its VNICs and returns their paths. They are rewritten in place (the
+// container's bind mounts keep seeing them) once the VNICs are known.
+func (w *worker) writeNameFiles() (resolv, hosts string) {
 	dir := w.m.a.instDir(w.id)
 	_ = os.MkdirAll(dir, 0o755)
-	resolv := filepath.Join(dir, "resolv.conf")
-	hosts := filepath.Join(dir, "hosts")
+	resolv = filepath.Join(dir, "resolv.conf")
+	hosts = filepath.Join(dir, "hosts")
 	_ = os.WriteFile(resolv, []byte(w.resolvConf()), 0o644)
 	self := "127.0.1.1"
 	if len(w.status.VNICs) > 0 && w.status.VNICs[0].IP != "" {
 		self = w.status.VNICs[0].IP
 	}
 	_ = os.WriteFile(hosts, []byte(fmt.Sprintf("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n", self, w.id)), 0o644)
-	return runtime.Spec{
-		ID: w.id, Image: spec.Image, Command: spec.Command, Args: spec.Args, Env: spec.Env,
-		Resources: in.Resources, User: spec.Security.User, ReadOnly: spec.Security.ReadOnlyRootFilesystem,
-		Hostname: w.id, ResolvConf: resolv, Hosts: hosts, LogPath: w.m.a.logPath(w.id),
-		Labels: map[string]string{LabelInstance: w.id, LabelService: in.Service},
-	}
+	return resolv, hosts
 }
 
 // resolvConf points the container at berth's DNS on its networks: the

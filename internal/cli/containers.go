@@ -123,7 +123,7 @@ type runFlags struct {
 	image, cpu, memory, cpuLimit, memoryLimit, restart, user string
 	replicas, maxRestarts                                    int
 	env, networks, publish                                   []string
-	readOnly, detach                                         bool
+	readOnly, detach, allow32                                bool
 }
 
 func runCmd(g *globals) *cobra.Command {
@@ -183,8 +183,8 @@ func runCmd(g *globals) *cobra.Command {
 			if len(ports) > 0 {
 				spec["ports"] = ports
 			}
-			if f.user != "" || f.readOnly {
-				spec["security"] = map[string]any{"user": f.user, "readOnlyRootFilesystem": f.readOnly}
+			if f.user != "" || f.readOnly || f.allow32 {
+				spec["security"] = map[string]any{"user": f.user, "readOnlyRootFilesystem": f.readOnly, "allow32bit": f.allow32}
 			}
 			body, _ := json.Marshal(spec)
 			return g.callLong(func(ctx context.Context, c *client.Client) error {
@@ -219,6 +219,7 @@ func runCmd(g *globals) *cobra.Command {
 	fl.IntVar(&f.maxRestarts, "max-restarts", 0, "with on-failure: at most this many restarts (0: no bound)")
 	fl.StringVar(&f.user, "user", "", "run as this user (uid[:gid] or name)")
 	fl.BoolVar(&f.readOnly, "read-only", false, "mount the root filesystem read-only")
+	fl.BoolVar(&f.allow32, "allow-32bit", false, "allow 32-bit system calls (x86, x32) in the seccomp filter")
 	fl.BoolVarP(&f.detach, "detach", "d", false, "do not wait for the instances to start")
 	return cmd
 }

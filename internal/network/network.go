@@ -165,6 +165,22 @@ func runtimeConf(id, netns string, i int, a Attachment) *libcni.RuntimeConf {
 	return rt
 }
 
+// Prepare creates the instance's network namespace, with its loopback up,
+// if it has none yet, and returns its path. A container may be created
+// in it while Setup gives it its VNICs.
+func (m *Manager) Prepare(id string) (string, error) {
+	path := m.NetnsPath(id)
+	if _, err := os.Stat(path); err != nil {
+		if err := newNetns(path); err != nil {
+			return "", err
+		}
+		if err := inNetns(path, loUp); err != nil {
+			return "", fmt.Errorf("network: loopback of %s: %w", id, err)
+		}
+	}
+	return path, nil
+}
+
 // Setup creates the instance's namespace (if it has none yet) and a VNIC
 // on each network; it returns the namespace's path and the VNICs. A
 // namespace that already exists keeps its VNICs: an instance keeps its MAC
@@ -172,14 +188,9 @@ func runtimeConf(id, netns string, i int, a Attachment) *libcni.RuntimeConf {
 func (m *Manager) Setup(ctx context.Context, id string, atts []Attachment) (string, []api.VNIC, error) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	path := m.NetnsPath(id)
-	if _, err := os.Stat(path); err != nil {
-		if err := newNetns(path); err != nil {
-			return "", nil, err
-		}
-	}
-	if err := inNetns(path, loUp); err != nil {
-		return "", nil, fmt.Errorf("network: loopback of %s: %w", id, err)
+	path, err := m.Prepare(id)
+	if err != nil {
+		return "", nil, err
 	}
 	var vnics []api.VNIC
 	for i, a := range atts {
