@@ -162,6 +162,7 @@ func start(p Paths, log *slog.Logger) error {
 	}
 	defer logf.Close()
 	cmd := exec.Command(bin, "--config", p.Config)
+	cmd.Env = runtimeEnv(os.Environ())
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -373,4 +374,22 @@ func unmountUnder(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// runtimeEnv is the environment containerd, and through it the shims and
+// runc, get: what finds their binaries and a temporary directory, not the
+// rest of the agent's environment (a GODEBUG or GOGC meant for berth, a
+// proxy, a CONTAINERD_* variable would change how they run).
+func runtimeEnv(env []string) []string {
+	out := []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		switch k {
+		case "PATH":
+			out[0] = kv
+		case "TMPDIR":
+			out = append(out, kv)
+		}
+	}
+	return out
 }
