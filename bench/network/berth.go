@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/bench/internal/benchhost"
 	"github.com/berth-dev/berth/bench/internal/hostclean"
 	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/internal/runtime"
@@ -76,22 +77,7 @@ func (e *env) startDaemon(name string, cmd *exec.Cmd, ready string) (*daemon, er
 }
 
 // stop sends SIGTERM and waits; SIGKILL after 20s.
-func (d *daemon) stop() error {
-	select {
-	case <-d.exited:
-		return nil
-	default:
-	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.exited:
-		return nil
-	case <-time.After(20 * time.Second):
-		_ = d.cmd.Process.Kill()
-		<-d.exited
-		return fmt.Errorf("%s did not stop on SIGTERM; killed", d.name)
-	}
-}
+func (d *daemon) stop() error { return benchhost.Stop(d.cmd.Process, d.exited, d.name) }
 
 func tail(s string) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")

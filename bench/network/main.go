@@ -58,12 +58,6 @@ import (
 	"time"
 )
 
-// Environment of the re-executed child that runs inside the namespace.
-const (
-	envPrefix = "BERTH_NETBENCH_PREFIX"  // the namespaces' name prefix
-	envWork   = "BERTH_NETBENCH_WORKDIR" // the temporary directory the parent made
-)
-
 // Hidden first arguments of the helpers the child starts inside namespaces.
 const (
 	cmdRTTServer = "__rtt-server"
@@ -115,8 +109,8 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench: -t, -rounds and -setups must be at least 1, -pings at least 10, -omit at least 0")
 		os.Exit(2)
 	}
-	if p := os.Getenv(envPrefix); p != "" {
-		os.Exit(child(o, p, os.Getenv(envWork)))
+	if p, work, ok := host.Child(); ok {
+		os.Exit(child(o, p, work))
 	}
 	os.Exit(parent(o))
 }

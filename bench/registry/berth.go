@@ -1,20 +1,16 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
+	"github.com/berth-dev/berth/bench/internal/benchhost"
 	"github.com/berth-dev/berth/client"
 )
 
@@ -27,122 +23,34 @@ var (
 
 // berthDev is a running `berth dev`.
 type berthDev struct {
-	l      layout
-	bin    string
-	proc   *exec.Cmd
-	exited chan struct{}
-	c      *client.Client // for calls that are not measured
+	*benchhost.Dev
+	l layout
+	c *client.Client // for calls that are not measured
 }
 
 // startBerth starts `berth dev` with DNS and waits until it is ready. A
 // non-nil berthDev is returned even on error, to be closed.
 func startBerth(ctx context.Context, l layout, bin string, timeout time.Duration) (*berthDev, error) {
-	b := &berthDev{l: l, bin: bin, exited: make(chan struct{})}
-	logf, err := os.Create(l.log)
-	if err != nil {
-		return nil, fmt.Errorf("berth's log: %w", err)
+	d := &benchhost.Dev{
+		Bin: bin, Data: l.berthData, API: apiAddr, Args: []string{"--dns-addr", dnsAddr, "--node-name", "node1"},
+		Log: l.log, Archive: l.archive, Timeout: timeout,
 	}
-	cmd := exec.Command(bin, "dev", "--data-dir", l.berthData, "--api-addr", apiAddr, "--dns-addr", dnsAddr, "--node-name", "node1")
-	cmd.Stderr = logf
-	// Its own process group: a terminal's Ctrl-C is for this command,
-	// which stops berth itself.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("berth's stdout: %w", err)
-	}
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start berth dev: %w", err)
-	}
-	b.proc = cmd
-	ready := make(chan struct{})
-	// Owned by the process: it ends when berth closes its stdout.
-	go func() {
-		defer close(b.exited)
-		defer logf.Close()
-		sc := bufio.NewScanner(out)
-		once := false
-		for sc.Scan() {
-			fmt.Fprintln(logf, sc.Text())
-			if !once && strings.Contains(sc.Text(), "ready in") {
-				once = true
-				fmt.Fprintln(os.Stderr, "bench:", sc.Text())
-				close(ready)
-			}
-		}
-		_ = cmd.Wait()
-	}()
-	select {
-	case <-ready:
-	case <-b.exited:
-		return b, fmt.Errorf("berth dev exited before it was ready; its log:\n%s", tail(l.log))
-	case <-time.After(timeout):
-		return b, fmt.Errorf("berth dev not ready after %v; its log:\n%s", timeout, tail(l.log))
-	case <-ctx.Done():
-		return b, ctx.Err()
-	}
-	b.c, err = newClient(64, timeout)
-	if err != nil {
-		return b, err
-	}
-	// berth is ready before its node's runtime may be: import until the
-	// runtime takes the image.
-	ictx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	for {
-		_, err := b.c.ImportImage(ictx, l.archive, "")
-		if err == nil {
-			break
-		}
-		if ictx.Err() != nil {
-			return b, fmt.Errorf("berth: import the test image: %w", err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return b, nil
+	err := d.Start(ctx)
+	return &berthDev{Dev: d, l: l, c: d.Client}, err
 }
 
-// newClient returns an API client with its own connection pool of conns
-// idle connections, and a timeout per call.
-func newClient(conns int, timeout time.Duration) (*client.Client, error) {
-	hc := &http.Client{Timeout: timeout, Transport: newTransport(conns)}
-	c, err := client.New(apiAddr, client.WithHTTPClient(hc))
-	if err != nil {
-		return nil, fmt.Errorf("berth client: %w", err)
-	}
-	return c, nil
-}
+// newTransport returns an HTTP transport with its own pool of conns idle
+// connections.
+func newTransport(conns int) *http.Transport { return benchhost.Transport(conns) }
 
-func newTransport(conns int) *http.Transport {
-	return &http.Transport{
-		Proxy:               nil,
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-		MaxIdleConns:        conns,
-		MaxIdleConnsPerHost: conns,
-		IdleConnTimeout:     time.Minute,
-	}
-}
-
-func tail(path string) string {
-	b, _ := os.ReadFile(path)
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return strings.Join(lines[max(0, len(lines)-20):], "\n")
-}
+// tail is the end of the file at path.
+func tail(path string) string { return benchhost.Tail(path) }
 
 // pid is berth dev's process id.
-func (b *berthDev) pid() int { return b.proc.Process.Pid }
+func (b *berthDev) pid() int { return b.Pid() }
 
 // alive says whether berth dev still runs.
-func (b *berthDev) alive() bool {
-	select {
-	case <-b.exited:
-		return false
-	default:
-		return true
-	}
-}
+func (b *berthDev) alive() bool { return b.Alive() }
 
 // memory is a process's resident set size now and its peak, and the
 // anonymous and file-backed parts of the RSS (the embedded etcd's bbolt
@@ -204,34 +112,6 @@ func (b *berthDev) containerdPid() int {
 		}
 	}
 	return 0
-}
-
-// Close stops berth dev (SIGTERM) and then, with `berth agent cleanup`,
-// its containerd, shims and containers.
-func (b *berthDev) Close(ctx context.Context) error {
-	var errs []error
-	if b.proc != nil {
-		select {
-		case <-b.exited:
-		default:
-			_ = b.proc.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-b.exited:
-			case <-time.After(20 * time.Second):
-				errs = append(errs, errors.New("berth dev did not stop on SIGTERM; killed"))
-				_ = b.proc.Process.Kill()
-				<-b.exited
-			}
-		}
-	}
-	cctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(cctx, b.bin, "agent", "cleanup", "--data-dir", b.l.berthData)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		errs = append(errs, fmt.Errorf("berth agent cleanup: %v: %s", err, strings.TrimSpace(string(out))))
-	}
-	return errors.Join(errs...)
 }
 
 // etcdDB is the size of the embedded etcd's database file.

@@ -48,13 +48,6 @@ import (
 	"time"
 )
 
-// Environment variables of the re-executed child that runs inside the
-// namespace.
-const (
-	envNetns = "BERTH_REGBENCH_NETNS"   // the namespace's name
-	envWork  = "BERTH_REGBENCH_WORKDIR" // the temporary directory the parent made
-)
-
 type options struct {
 	berth     string
 	instances int
@@ -100,8 +93,8 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench: a flag is out of range; see -h")
 		os.Exit(2)
 	}
-	if ns := os.Getenv(envNetns); ns != "" {
-		os.Exit(child(o, ns, os.Getenv(envWork)))
+	if ns, work, ok := host.Child(); ok {
+		os.Exit(child(o, ns, work))
 	}
 	os.Exit(parent(o))
 }

@@ -1,20 +1,15 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	eventtypes "github.com/containerd/containerd/api/events"
@@ -22,6 +17,7 @@ import (
 	"github.com/containerd/typeurl/v2"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/bench/internal/benchhost"
 	"github.com/berth-dev/berth/bench/internal/hostclean"
 	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/internal/runtime"
@@ -33,9 +29,7 @@ const apiAddr = "127.0.0.1:7480"
 // berthSubject drives a `berth dev` through its API.
 type berthSubject struct {
 	l        layout
-	bin      string
-	proc     *exec.Cmd
-	exited   chan struct{}
+	dev      *benchhost.Dev
 	c        *client.Client
 	cc       *containerd.Client // berth's own containerd, only to see deletes
 	netnsDir string             // where berth's agent keeps the instances' network namespaces
@@ -51,73 +45,14 @@ func (b *berthSubject) Name() string { return "berth (API, watch)" }
 // startBerth starts `berth dev`, imports the image and opens the watches.
 // A non-nil subject is returned even on error, to be closed.
 func startBerth(ctx context.Context, l layout, bin string, timeout time.Duration) (*berthSubject, error) {
-	b := &berthSubject{l: l, bin: bin, ids: map[string][]string{}, exited: make(chan struct{})}
-	logf, err := os.Create(l.work + "/berth-dev.log")
-	if err != nil {
-		return nil, err
-	}
-	defer logf.Close()
-	cmd := exec.Command(bin, "dev", "--data-dir", l.berthData, "--api-addr", apiAddr, "--node-name", "node1")
-	cmd.Stderr = logf
-	// Its own process group: a terminal's Ctrl-C is for this command,
-	// which stops berth itself.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start berth dev: %w", err)
-	}
-	b.proc = cmd
-	ready := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(out)
-		once := false
-		for sc.Scan() {
-			fmt.Fprintln(logf, sc.Text())
-			if !once && strings.Contains(sc.Text(), "ready in") {
-				once = true
-				fmt.Fprintln(os.Stderr, "bench:", sc.Text())
-				close(ready)
-			}
-		}
-		_ = cmd.Wait()
-		close(b.exited)
-	}()
-	select {
-	case <-ready:
-	case <-b.exited:
-		return b, fmt.Errorf("berth dev exited before it was ready; see its log:\n%s", tail(l.work+"/berth-dev.log"))
-	case <-time.After(timeout):
-		return b, fmt.Errorf("berth dev not ready after %v; see its log:\n%s", timeout, tail(l.work+"/berth-dev.log"))
-	case <-ctx.Done():
-		return b, ctx.Err()
-	}
-	hc := &http.Client{Timeout: timeout, Transport: &http.Transport{
-		Proxy:               nil,
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-		MaxIdleConns:        64,
-		MaxIdleConnsPerHost: 64,
-		IdleConnTimeout:     time.Minute,
+	b := &berthSubject{l: l, ids: map[string][]string{}, dev: &benchhost.Dev{
+		Bin: bin, Data: l.berthData, API: apiAddr, Args: []string{"--node-name", "node1"},
+		Log: filepath.Join(l.work, "berth-dev.log"), Archive: l.archive, Timeout: timeout,
 	}}
-	b.c, err = client.New(apiAddr, client.WithHTTPClient(hc))
+	err := b.dev.Start(ctx)
+	b.c = b.dev.Client
 	if err != nil {
 		return b, err
-	}
-	// berth is ready before its node's runtime may be: try the import
-	// until the runtime takes it.
-	ictx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	for {
-		_, err := b.c.ImportImage(ictx, l.archive, "")
-		if err == nil {
-			break
-		}
-		if ictx.Err() != nil {
-			return b, fmt.Errorf("berth: import the image: %w", err)
-		}
-		time.Sleep(100 * time.Millisecond)
 	}
 
 	// Watch instances through the API, and container deletes on berth's
@@ -171,12 +106,6 @@ func startBerth(ctx context.Context, l layout, bin string, timeout time.Duration
 		return b, errors.New("the instance watch sent no bookmark")
 	}
 	return b, nil
-}
-
-func tail(path string) string {
-	b, _ := os.ReadFile(path)
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return strings.Join(lines[max(0, len(lines)-20):], "\n")
 }
 
 func (b *berthSubject) service(key string) string { return b.l.prefix + "-" + key }
@@ -352,8 +281,7 @@ func (b *berthSubject) deleteService(ctx context.Context, name string) error {
 // Close removes what is left, stops berth dev and then, with `berth agent
 // cleanup`, its containerd, shims and containers.
 func (b *berthSubject) Close(ctx context.Context) error {
-	var errs []error
-	if b.c != nil && b.proc != nil {
+	if b.c != nil {
 		b.mu.Lock()
 		left := len(b.ids)
 		b.mu.Unlock()
@@ -375,28 +303,7 @@ func (b *berthSubject) Close(ctx context.Context) error {
 	if b.cc != nil {
 		_ = b.cc.Close()
 	}
-	if b.proc != nil {
-		select {
-		case <-b.exited:
-		default:
-			_ = b.proc.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-b.exited:
-			case <-time.After(20 * time.Second):
-				errs = append(errs, errors.New("berth dev did not stop on SIGTERM; killed"))
-				_ = b.proc.Process.Kill()
-				<-b.exited
-			}
-		}
-	}
-	cctx, cancel := context.WithTimeout(ctx, 90*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(cctx, b.bin, "agent", "cleanup", "--data-dir", b.l.berthData)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		errs = append(errs, fmt.Errorf("berth agent cleanup: %v: %s", err, strings.TrimSpace(string(out))))
-	}
-	return errors.Join(errs...)
+	return b.dev.Close(ctx)
 }
 
 // tracker keeps what the watches said: the instances as berth reports them

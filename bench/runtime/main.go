@@ -58,13 +58,6 @@ import (
 	"github.com/berth-dev/berth/internal/runtime"
 )
 
-// Environment variables of the re-executed child that runs inside the
-// namespace.
-const (
-	envNetns = "BERTH_BENCH_NETNS"   // the namespace's name
-	envWork  = "BERTH_BENCH_WORKDIR" // the temporary directory the parent made
-)
-
 type options struct {
 	n        int
 	parallel int
@@ -98,8 +91,8 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench: -n and -parallel must be at least 1, -warmup at least 0")
 		os.Exit(2)
 	}
-	if ns := os.Getenv(envNetns); ns != "" {
-		os.Exit(child(o, ns, os.Getenv(envWork)))
+	if ns, work, ok := host.Child(); ok {
+		os.Exit(child(o, ns, work))
 	}
 	os.Exit(parent(o))
 }

@@ -4,6 +4,7 @@
 //
 // Everything here reads /proc and /sys/fs/cgroup directly and kills or
 // removes only by PID or path; it is Linux-only and needs root.
+// bench/internal/benchhost puts these together into a run's sweep.
 package hostclean
 
 import (
@@ -195,4 +196,22 @@ func UnmountUnder(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// KillInNetns kills, by PID, every process in one of the network namespaces
+// whose files are at paths (bind mounts or /proc/<pid>/ns/net), and returns
+// how many there were. A path that cannot be stat'd is passed over.
+func KillInNetns(paths []string) int {
+	n := 0
+	for _, p := range paths {
+		id, ok := Inode(p)
+		if !ok {
+			continue
+		}
+		for _, pid := range NetnsProcs(id) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			n++
+		}
+	}
+	return n
 }
