@@ -5,14 +5,17 @@ import (
 	"io"
 	"os"
 	"runtime/pprof"
+	"strconv"
+	"strings"
 )
 
 // startProfile writes a CPU profile of the whole run to the file named by
 // BERTH_CPUPROFILE, and a heap profile at the end to BERTH_HEAPPROFILE, when
-// set: diagnostics for benchmarks of the daemons. The returned function
-// ends them.
+// set: diagnostics for benchmarks of the daemons. "%p" in a path becomes
+// the process id, for a benchmark that runs several berth processes. The
+// returned function ends them.
 func startProfile(stderr io.Writer) func() {
-	heap := os.Getenv("BERTH_HEAPPROFILE")
+	heap := profilePath("BERTH_HEAPPROFILE")
 	cpu := startCPUProfile(stderr)
 	return func() {
 		cpu()
@@ -32,7 +35,7 @@ func startProfile(stderr io.Writer) func() {
 }
 
 func startCPUProfile(stderr io.Writer) func() {
-	path := os.Getenv("BERTH_CPUPROFILE")
+	path := profilePath("BERTH_CPUPROFILE")
 	if path == "" {
 		return func() {}
 	}
@@ -50,4 +53,8 @@ func startCPUProfile(stderr io.Writer) func() {
 		pprof.StopCPUProfile()
 		f.Close()
 	}
+}
+
+func profilePath(env string) string {
+	return strings.ReplaceAll(os.Getenv(env), "%p", strconv.Itoa(os.Getpid()))
 }
