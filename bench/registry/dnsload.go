@@ -31,6 +31,15 @@ type dnsResult struct {
 	srv       int // SRV queries answered
 }
 
+// add counts one client's results in.
+func (d *dnsResult) add(r dnsResult) {
+	d.lat = append(d.lat, r.lat...)
+	d.timeouts += r.timeouts
+	d.bad += r.bad
+	d.truncated += r.truncated
+	d.srv += r.srv
+}
+
 // dnsQuestion is the i-th query of the mix.
 func dnsQuestion(i, services int) (string, uint16) {
 	s := serviceName(i % services)
@@ -101,11 +110,7 @@ func dnsLoad(ctx context.Context, services, workers int, d time.Duration, raw bo
 				}
 			}
 			mu.Lock()
-			res.lat = append(res.lat, r.lat...)
-			res.timeouts += r.timeouts
-			res.bad += r.bad
-			res.truncated += r.truncated
-			res.srv += r.srv
+			res.add(r)
 			mu.Unlock()
 		})
 	}
@@ -210,11 +215,7 @@ func dnsLoadRaw(ctx context.Context, services, workers int, d time.Duration) (dn
 				}
 			}
 			mu.Lock()
-			res.lat = append(res.lat, r.lat...)
-			res.timeouts += r.timeouts
-			res.bad += r.bad
-			res.truncated += r.truncated
-			res.srv += r.srv
+			res.add(r)
 			mu.Unlock()
 		})
 	}
