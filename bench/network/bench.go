@@ -34,6 +34,7 @@ const (
 	rowBerthBridge
 	rowVXLAN
 	rowVXLANBridged
+	rowVXLANBerth
 	rowBerthOverlay
 	nRows
 )
@@ -44,6 +45,7 @@ var rowLabels = [nRows]string{
 	"3 berth bridge network (1 node)",
 	"4 bare VXLAN pair",
 	"4b bare VXLAN, bridge underlay",
+	"4c bare overlay, berth's topology",
 	"5 berth overlay network (2 nodes)",
 }
 
@@ -113,6 +115,7 @@ func child(o options, prefix, work string) int {
 		rows[rowBridge].p = pair{server: e.l.nsPath("b2"), client: e.l.nsPath("b1"), serverIP: bridgeB}
 		rows[rowVXLAN].p = pair{server: e.l.nsPath("x2"), client: e.l.nsPath("x1"), serverIP: vxB}
 		rows[rowVXLANBridged].p = pair{server: e.l.nsPath("y2"), client: e.l.nsPath("y1"), serverIP: vyB}
+		rows[rowVXLANBerth].p = pair{server: e.l.nsPath("i2"), client: e.l.nsPath("i1"), serverIP: vzB}
 
 		// The setup time first, on a quiet machine.
 		fmt.Fprintf(os.Stderr, "bench: network setup: %d Setup+Teardown cycles\n", o.setups)

@@ -13,7 +13,11 @@
 //     node;
 //  4. two namespaces joined by a plain VXLAN pair over an underlay veth
 //     (bare overlay: a VXLAN device with a static remote on each side, the
-//     addresses on the VXLAN devices);
+//     addresses on the VXLAN devices); 4b. the same over an underlay
+//     bridge in a third namespace; 4c. berth's overlay topology built bare
+//     on that underlay (each node a bridge with its slice's gateway, an
+//     endpoint's veth on it, a VXLAN device with static routes, neighbour
+//     and FDB entries to the other node) without berth's nftables table;
 //  5. two berth instances on one berth overlay network on two berth nodes
 //     (a `berth dev` and a `berth agent`, each in a namespace joined by veth
 //     to an underlay bridge in a third namespace, like e2e/testhost's
