@@ -412,27 +412,31 @@ func (w *worker) reconcile(ctx context.Context) bool {
 			w.fail(ctx, reason, err.Error())
 			return false
 		}
-		var netErr error
-		w.startGated(ctx, in, func() error {
+		applied := false
+		applyNet := func() error {
 			vnics, err := net.wait()
-			if err != nil {
-				netErr = err
+			if err != nil || applied {
 				return err
 			}
+			applied = true
 			w.status.VNICs = vnics
 			w.writeNameFiles()
 			for _, a := range atts {
 				w.m.a.dns.ensure(ctx, network.Gateway(a))
 			}
 			return nil
-		})
-		net.wait()
-		if netErr != nil {
-			// Start over from no container, with the network, next time.
+		}
+		w.startGated(ctx, in, applyNet)
+		// Also when the start failed before its gate: the VNICs are
+		// recorded for a restart, or the networks' failure is handled.
+		if err := applyNet(); err != nil {
+			// Start over from no container, with the networks, shortly
+			// (the failure is reported: by startGated when its gate
+			// failed, or the start's own error).
 			if err := rt.Remove(ctx, w.id); err != nil {
 				w.log().warn("agent: remove", "err", err)
 			}
-			w.restartAt = time.Now().Add(2 * time.Second) // reported by startGated
+			w.restartAt = time.Now().Add(2 * time.Second)
 		}
 	case st.Running:
 		if w.status.State != api.InstanceRunning {
