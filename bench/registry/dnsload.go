@@ -31,6 +31,36 @@ type dnsResult struct {
 	srv       int // SRV queries answered
 }
 
+// dnsWorkers runs work as workers clients at once until d has passed and
+// adds up what they measured; it returns the first error, and a client
+// that failed is not counted.
+func dnsWorkers(workers int, d time.Duration, work func(w int, deadline time.Time) (dnsResult, error)) (dnsResult, error) {
+	var (
+		mu   sync.Mutex
+		res  dnsResult
+		wg   sync.WaitGroup
+		errs = make(chan error, workers)
+	)
+	start := time.Now()
+	deadline := start.Add(d)
+	for w := range workers {
+		wg.Go(func() {
+			r, err := work(w, deadline)
+			if err != nil {
+				errs <- err
+				return
+			}
+			mu.Lock()
+			res.add(r)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	res.elapsed = time.Since(start)
+	close(errs)
+	return res, <-errs
+}
+
 // add counts one client's results in.
 func (d *dnsResult) add(r dnsResult) {
 	d.lat = append(d.lat, r.lat...)
@@ -62,62 +92,44 @@ func dnsLoad(ctx context.Context, services, workers int, d time.Duration, raw bo
 	if raw {
 		return dnsLoadRaw(ctx, services, workers, d)
 	}
-	var (
-		mu   sync.Mutex
-		res  dnsResult
-		wg   sync.WaitGroup
-		errs = make(chan error, workers)
-	)
-	start := time.Now()
-	deadline := start.Add(d)
-	for w := range workers {
-		wg.Go(func() {
-			cl := &dns.Client{Net: "udp", Timeout: time.Second}
-			co, err := cl.Dial(dnsAddr)
+	return dnsWorkers(workers, d, func(w int, deadline time.Time) (dnsResult, error) {
+		cl := &dns.Client{Net: "udp", Timeout: time.Second}
+		co, err := cl.Dial(dnsAddr)
+		if err != nil {
+			return dnsResult{}, fmt.Errorf("dns dial %s: %w", dnsAddr, err)
+		}
+		defer co.Close()
+		var r dnsResult
+		r.lat = make([]time.Duration, 0, 1<<15)
+		m := new(dns.Msg)
+		for i := w * 7; ctx.Err() == nil && time.Now().Before(deadline); i++ {
+			name, qt := dnsQuestion(i, services)
+			m.SetQuestion(name, qt)
+			m.Extra = m.Extra[:0]
+			m.SetEdns0(dnsBufSize, false)
+			t0 := time.Now()
+			a, _, err := cl.ExchangeWithConn(m, co)
 			if err != nil {
-				errs <- fmt.Errorf("dns dial %s: %w", dnsAddr, err)
-				return
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					r.timeouts++
+					continue
+				}
+				return dnsResult{}, fmt.Errorf("dns query %s: %w", name, err)
 			}
-			defer co.Close()
-			var r dnsResult
-			r.lat = make([]time.Duration, 0, 1<<15)
-			m := new(dns.Msg)
-			for i := w * 7; ctx.Err() == nil && time.Now().Before(deadline); i++ {
-				name, qt := dnsQuestion(i, services)
-				m.SetQuestion(name, qt)
-				m.Extra = m.Extra[:0]
-				m.SetEdns0(dnsBufSize, false)
-				t0 := time.Now()
-				a, _, err := cl.ExchangeWithConn(m, co)
-				if err != nil {
-					var ne net.Error
-					if errors.As(err, &ne) && ne.Timeout() {
-						r.timeouts++
-						continue
-					}
-					errs <- fmt.Errorf("dns query %s: %w", name, err)
-					return
-				}
-				r.lat = append(r.lat, time.Since(t0))
-				if a.Rcode != dns.RcodeSuccess || len(a.Answer) == 0 {
-					r.bad++
-				}
-				if a.Truncated {
-					r.truncated++
-				}
-				if qt == dns.TypeSRV {
-					r.srv++
-				}
+			r.lat = append(r.lat, time.Since(t0))
+			if a.Rcode != dns.RcodeSuccess || len(a.Answer) == 0 {
+				r.bad++
 			}
-			mu.Lock()
-			res.add(r)
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	res.elapsed = time.Since(start)
-	close(errs)
-	return res, <-errs
+			if a.Truncated {
+				r.truncated++
+			}
+			if qt == dns.TypeSRV {
+				r.srv++
+			}
+		}
+		return r, nil
+	})
 }
 
 // dnsAddresses asks berth's DNS server for the A records of name.
@@ -155,72 +167,53 @@ func dnsLoadRaw(ctx context.Context, services, workers int, d time.Duration) (dn
 		}
 		queries[i], kinds[i] = b, qt
 	}
-	var (
-		mu   sync.Mutex
-		res  dnsResult
-		wg   sync.WaitGroup
-		errs = make(chan error, workers)
-	)
-	start := time.Now()
-	deadline := start.Add(d)
-	for w := range workers {
-		wg.Go(func() {
-			co, err := net.Dial("udp", dnsAddr)
-			if err != nil {
-				errs <- fmt.Errorf("dns dial %s: %w", dnsAddr, err)
-				return
+	return dnsWorkers(workers, d, func(w int, deadline time.Time) (dnsResult, error) {
+		co, err := net.Dial("udp", dnsAddr)
+		if err != nil {
+			return dnsResult{}, fmt.Errorf("dns dial %s: %w", dnsAddr, err)
+		}
+		defer co.Close()
+		var r dnsResult
+		r.lat = make([]time.Duration, 0, 1<<16)
+		q := make([]byte, 0, 512)
+		buf := make([]byte, 65536)
+		id := uint16(w) << 10
+		for i := w * 7; ctx.Err() == nil && time.Now().Before(deadline); i++ {
+			k := i % n
+			q = append(q[:0], queries[k]...)
+			id++
+			binary.BigEndian.PutUint16(q, id)
+			t0 := time.Now()
+			if _, err := co.Write(q); err != nil {
+				return dnsResult{}, fmt.Errorf("dns query: %w", err)
 			}
-			defer co.Close()
-			var r dnsResult
-			r.lat = make([]time.Duration, 0, 1<<16)
-			q := make([]byte, 0, 512)
-			buf := make([]byte, 65536)
-			id := uint16(w) << 10
-			for i := w * 7; ctx.Err() == nil && time.Now().Before(deadline); i++ {
-				k := i % n
-				q = append(q[:0], queries[k]...)
-				id++
-				binary.BigEndian.PutUint16(q, id)
-				t0 := time.Now()
-				if _, err := co.Write(q); err != nil {
-					errs <- fmt.Errorf("dns query: %w", err)
-					return
+			_ = co.SetReadDeadline(t0.Add(time.Second))
+			for {
+				m, err := co.Read(buf)
+				if err != nil {
+					var ne net.Error
+					if errors.As(err, &ne) && ne.Timeout() {
+						r.timeouts++
+						break
+					}
+					return dnsResult{}, fmt.Errorf("dns answer: %w", err)
 				}
-				_ = co.SetReadDeadline(t0.Add(time.Second))
-				for {
-					m, err := co.Read(buf)
-					if err != nil {
-						var ne net.Error
-						if errors.As(err, &ne) && ne.Timeout() {
-							r.timeouts++
-							break
-						}
-						errs <- fmt.Errorf("dns answer: %w", err)
-						return
-					}
-					if m < 12 || binary.BigEndian.Uint16(buf) != id {
-						continue // a late answer to a query that timed out
-					}
-					r.lat = append(r.lat, time.Since(t0))
-					if buf[3]&0xf != dns.RcodeSuccess || binary.BigEndian.Uint16(buf[6:]) == 0 {
-						r.bad++
-					}
-					if buf[2]&0x2 != 0 {
-						r.truncated++
-					}
-					if kinds[k] == dns.TypeSRV {
-						r.srv++
-					}
-					break
+				if m < 12 || binary.BigEndian.Uint16(buf) != id {
+					continue // a late answer to a query that timed out
 				}
+				r.lat = append(r.lat, time.Since(t0))
+				if buf[3]&0xf != dns.RcodeSuccess || binary.BigEndian.Uint16(buf[6:]) == 0 {
+					r.bad++
+				}
+				if buf[2]&0x2 != 0 {
+					r.truncated++
+				}
+				if kinds[k] == dns.TypeSRV {
+					r.srv++
+				}
+				break
 			}
-			mu.Lock()
-			res.add(r)
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	res.elapsed = time.Since(start)
-	close(errs)
-	return res, <-errs
+		}
+		return r, nil
+	})
 }
