@@ -174,9 +174,11 @@ func (m *Manager) Prepare(id string) (string, error) {
 		if err := newNetns(path); err != nil {
 			return "", err
 		}
-		if err := inNetns(path, loUp); err != nil {
-			return "", fmt.Errorf("network: loopback of %s: %w", id, err)
-		}
+	}
+	// Also for a namespace that exists: a crash may have come between
+	// making it and this.
+	if err := inNetns(path, loUp); err != nil {
+		return "", fmt.Errorf("network: loopback of %s: %w", id, err)
 	}
 	return path, nil
 }
