@@ -110,6 +110,13 @@ func TestNetworksReachabilityAndIsolation(t *testing.T) {
 		t.Fatalf("nft table inet berth: %v\n%s", err, rules)
 	}
 
+	// br_netfilter's switch is off in the node's namespace (where the
+	// module is loaded): frames switched inside a network skip the IP
+	// hooks, and isolation (routed traffic) holds without it, as above.
+	if v, err := h.Run(ctxT(t), "cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"); err == nil && strings.TrimSpace(v) != "0" {
+		t.Fatalf("net.bridge.bridge-nf-call-iptables = %q in the node, want 0", v)
+	}
+
 	var nw api.Network
 	if err := json.Unmarshal([]byte(b.mustCLI("network", "inspect", "front", "-o", "json")), &nw); err != nil {
 		t.Fatal(err)
@@ -126,6 +133,14 @@ func TestNetworksReachabilityAndIsolation(t *testing.T) {
 	eventually(t, 10*time.Second, "published port answers on the node", func() (bool, string) {
 		out, err := h.Run(ctxT(t), "curl", "-s", "--max-time", "2", "http://127.0.0.1:18080/index.html")
 		return err == nil && strings.Contains(out, "hello from berth"), fmt.Sprint(out, err)
+	})
+	// ... and from an instance on the same network, through the node's
+	// address on it (hairpin: SNAT by portmap, no br_netfilter needed).
+	pub := b.instances("pub")
+	gw := netip.MustParsePrefix(api.DefaultNetworkSubnet).Addr().Next().String()
+	eventually(t, 10*time.Second, "published port answers an instance on the same network", func() (bool, string) {
+		out, errOut, err := b.cli("exec", pub[0].ID, "--", "timeout", "2", "wget", "-q", "-O", "-", "http://"+gw+":18080/index.html")
+		return err == nil && strings.Contains(out, "hello from berth"), fmt.Sprint(out, errOut, err)
 	})
 
 	// Networks go when nothing uses them, and so do their bridges.
@@ -150,7 +165,7 @@ func TestNetworksReachabilityAndIsolation(t *testing.T) {
 func ipamHelper(mode string) {
 	f := strings.Fields(mode) // "ipam DATADIR RUNDIR N" or "crash DATADIR RUNDIR" or "sweep DATADIR RUNDIR"
 	ctx := context.Background()
-	m, err := network.New(f[1], f[2], slog.New(slog.NewTextHandler(io.Discard, nil)))
+	m, err := network.New(f[1], f[2], slog.New(slog.NewTextHandler(io.Discard, nil)), network.Options{})
 	if err != nil {
 		fmt.Println("error:", err)
 		os.Exit(1)

@@ -62,7 +62,7 @@ func setupHelper(args []string) int {
 		return 2
 	}
 	ctx := context.Background()
-	m, err := network.New(args[0], args[1], slog.New(slog.NewTextHandler(io.Discard, nil)))
+	m, err := network.New(args[0], args[1], slog.New(slog.NewTextHandler(io.Discard, nil)), network.Options{})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1

@@ -43,6 +43,9 @@ type Config struct {
 	// Listen is where the agent serves logs, exec and images to the server
 	// (default: the node address, port 7481).
 	Listen string
+	// KeepBridgeNetfilter leaves net.bridge.bridge-nf-call-* as they are
+	// (network.Options).
+	KeepBridgeNetfilter bool
 }
 
 // Agent keeps one node registered.
@@ -168,7 +171,7 @@ func (a *Agent) startRuntime(ctx context.Context) (func(), error) {
 		for {
 			rt, err := runtime.New(ctx, a.cfg.DataDir, a.log)
 			if err == nil {
-				nm, nerr := network.New(a.cfg.DataDir, rt.RunDir(), a.log)
+				nm, nerr := network.New(a.cfg.DataDir, rt.RunDir(), a.log, network.Options{KeepBridgeNetfilter: a.cfg.KeepBridgeNetfilter})
 				if nerr == nil {
 					a.rt, a.net = rt, nm
 					close(rtReady)

@@ -450,7 +450,7 @@ func rmCmd(g *globals) *cobra.Command {
 
 func agentCleanupCmd(g *globals) *cobra.Command {
 	var dataDir string
-	cmd := &cobra.Command{Use: "cleanup", Short: "Stop this node's containers and runtime, unmount what they left, and remove berth's bridges and nftables table (for resets and tests)", Args: cobra.NoArgs,
+	cmd := &cobra.Command{Use: "cleanup", Short: "Stop this node's containers and runtime, unmount what they left, remove berth's bridges and nftables table, and restore the br_netfilter switches it turned off (for resets and tests)", Args: cobra.NoArgs,
 		RunE: func(*cobra.Command, []string) error {
 			p, err := runtime.PathsFor(dataDir)
 			if err != nil {
@@ -464,7 +464,10 @@ func agentCleanupCmd(g *globals) *cobra.Command {
 			if err := network.Cleanup(); err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "runtime of %s stopped and cleaned; berth's bridges and nftables table removed\n", dataDir)
+			if err := network.RestoreBridgeNetfilter(dataDir); err != nil {
+				return err
+			}
+			fmt.Fprintf(g.stdout, "runtime of %s stopped and cleaned; berth's bridges and nftables table removed; br_netfilter switches restored\n", dataDir)
 			return nil
 		}}
 	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/berth", "the agent's data directory")

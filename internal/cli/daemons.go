@@ -40,6 +40,7 @@ type agentFlags struct {
 	ttl           time.Duration
 	reserveCPU    string
 	reserveMemory string
+	keepBridgeNF  bool
 }
 
 func (f *agentFlags) add(cmd *cobra.Command) {
@@ -49,6 +50,7 @@ func (f *agentFlags) add(cmd *cobra.Command) {
 	cmd.Flags().DurationVar(&f.ttl, "node-ttl", 10*time.Second, "how long the node stays ready without a heartbeat (2s to 10m)")
 	cmd.Flags().StringVar(&f.reserveCPU, "reserve-cpu", "100m", "CPU kept back for the system")
 	cmd.Flags().StringVar(&f.reserveMemory, "reserve-memory", "256Mi", "memory kept back for the system")
+	cmd.Flags().BoolVar(&f.keepBridgeNF, "keep-bridge-netfilter", false, "leave net.bridge.bridge-nf-call-* as they are (by default the agent turns them off in its network namespace: berth's rules do not need bridged traffic to pass iptables, and it slows bridge networks by about 5%)")
 	cmd.Flags().StringVar(&f.listen, "agent-addr", "", "where the agent serves logs, exec and images to the server (default: node address, port 7481; dev: a free loopback port)")
 }
 
@@ -69,7 +71,7 @@ func (f *agentFlags) config() (agent.Config, error) {
 		return agent.Config{}, fmt.Errorf("--node-ttl %v: must be between 2s and 10m", f.ttl)
 	}
 	return agent.Config{Name: f.name, Address: f.address, Labels: lbl, TTL: f.ttl,
-		Reserved: api.Resources{CPU: cpu, Memory: mem}, Version: Version, Listen: f.listen}, nil
+		Reserved: api.Resources{CPU: cpu, Memory: mem}, Version: Version, Listen: f.listen, KeepBridgeNetfilter: f.keepBridgeNF}, nil
 }
 
 func devCmd(g *globals) *cobra.Command {

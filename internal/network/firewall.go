@@ -22,14 +22,18 @@ const tableName = "berth"
 // switched, not routed, and is not affected.
 type firewall struct {
 	log *slog.Logger
+	// stateDir keeps what bridgeNetfilterOff found; keepBridgeNF leaves
+	// br_netfilter's switches as they are.
+	stateDir     string
+	keepBridgeNF bool
 
 	mu      sync.Mutex
 	started bool
 	bridges map[string]bool
 }
 
-func newFirewall(log *slog.Logger) *firewall {
-	return &firewall{log: log, bridges: map[string]bool{}}
+func newFirewall(log *slog.Logger, stateDir string, keepBridgeNF bool) *firewall {
+	return &firewall{log: log, stateDir: stateDir, keepBridgeNF: keepBridgeNF, bridges: map[string]bool{}}
 }
 
 func ifname(n string) []byte {
@@ -58,6 +62,11 @@ func (f *firewall) ensure(bridge, subnet string) error {
 	}
 	t := f.table()
 	if !f.started {
+		if !f.keepBridgeNF {
+			if err := bridgeNetfilterOff(f.stateDir, f.log); err != nil {
+				f.log.Warn("network: br_netfilter left on", "err", err)
+			}
+		}
 		c.DelTable(t)
 		_ = c.Flush() // absent the first time
 		f.started = true

@@ -55,9 +55,17 @@ type Manager struct {
 	mu sync.RWMutex
 }
 
+// Options tune a Manager.
+type Options struct {
+	// KeepBridgeNetfilter leaves br_netfilter's switches
+	// (net.bridge.bridge-nf-call-*) as they are; by default the manager
+	// turns them off in its network namespace (bridgenf.go).
+	KeepBridgeNetfilter bool
+}
+
 // New prepares a manager whose state lives under dataDir and whose
 // namespaces are bind-mounted under runDir.
-func New(dataDir, runDir string, log *slog.Logger) (*Manager, error) {
+func New(dataDir, runDir string, log *slog.Logger, opts Options) (*Manager, error) {
 	found := false
 	for _, d := range PluginDirs {
 		if _, err := os.Stat(filepath.Join(d, "bridge")); err == nil {
@@ -76,7 +84,7 @@ func New(dataDir, runDir string, log *slog.Logger) (*Manager, error) {
 		dataDir:  abs,
 		netnsDir: filepath.Join(runDir, "netns"),
 		log:      log,
-		fw:       newFirewall(log),
+		fw:       newFirewall(log, filepath.Join(abs, "cni"), opts.KeepBridgeNetfilter),
 	}
 	return m, nil
 }
