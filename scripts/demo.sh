@@ -36,7 +36,9 @@ rm -rf "$state/data"   # each demo starts from a fresh berth
 mkdir -p "$state"
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
-"$berth" dev --data-dir "$state/data" --api-addr "$BERTH_ADDR" --dns-addr 127.0.0.1:5353 >"$state/dev.out" 2>"$state/dev.log" &
+# --keep-bridge-netfilter: a try-out leaves the host's br_netfilter switches
+# as they are (README, "Networks").
+"$berth" dev --data-dir "$state/data" --api-addr "$BERTH_ADDR" --dns-addr 127.0.0.1:5353 --keep-bridge-netfilter >"$state/dev.out" 2>"$state/dev.log" &
 echo $! >"$state/dev.pid"
 for _ in $(seq 200); do
   grep -q "ready in" "$state/dev.out" 2>/dev/null && break
