@@ -52,21 +52,7 @@ func (s *Server) getNetwork(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	n.Revision = rev
-	kvs, _, err := s.st.List(r.Context(), keyInstances)
-	if err != nil {
-		return err
-	}
-	for _, kv := range kvs {
-		var in api.Instance
-		if json.Unmarshal(kv.Value, &in) != nil {
-			continue
-		}
-		for _, v := range in.Status.VNICs {
-			if v.Network == name {
-				n.Status.Attached = append(n.Status.Attached, api.Attachment{Instance: in.ID, Node: in.Node, MAC: v.MAC, IP: v.IP})
-			}
-		}
-	}
+	n.Status.Attached = s.regIndex.attachments(s.cache, name)
 	n.Status.AddressesUsed = len(n.Status.Attached)
 	n.Status.AddressesFree = max(0, api.UsableAddresses(n.Subnet)-n.Status.AddressesUsed)
 	writeJSON(w, http.StatusOK, n)

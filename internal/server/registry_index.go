@@ -148,6 +148,27 @@ func (x *registryIndex) serviceNames(c *cache.Cache) []string {
 	return out
 }
 
+// attachments lists the VNICs that instances have on a network, sorted by
+// instance: O(instances) in memory, where a read of the store would decode
+// every instance.
+func (x *registryIndex) attachments(c *cache.Cache, network string) []api.Attachment {
+	x.sync(c)
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	var out []api.Attachment
+	for _, e := range x.services {
+		for _, in := range e.instances {
+			for _, v := range in.Status.VNICs {
+				if v.Network == network {
+					out = append(out, api.Attachment{Instance: in.ID, Node: in.Node, MAC: v.MAC, IP: v.IP})
+				}
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b api.Attachment) int { return strings.Compare(a.Instance, b.Instance) })
+	return out
+}
+
 // sync brings the index up to the cache's current revision.
 func (x *registryIndex) sync(c *cache.Cache) {
 	cur := c.Revision()

@@ -1438,3 +1438,77 @@ func TestNodeHeartbeatRacesLapse(t *testing.T) {
 		}
 	}
 }
+
+// TestNetworkAttachments: a network's inspect lists the VNICs instances
+// report on it, sorted by instance, and follows their changes.
+func TestNetworkAttachments(t *testing.T) {
+	e := startEnv(t)
+	ctx := e.ctx
+	if _, err := e.c.CreateNetwork(ctx, api.NetworkSpec{Name: "front", Subnet: "10.90.0.0/24"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, in := range []api.Instance{
+		{ID: "web-b", Service: "web", Node: "n1"}, {ID: "web-a", Service: "web", Node: "n2"}, {ID: "db-1", Service: "db", Node: "n1"},
+	} {
+		in.Generation, in.DesiredState = 1, api.DesiredRunning
+		if _, err := e.st.Put(ctx, keyInstances+in.ID, in, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vnic := func(net, ip string) api.VNIC {
+		return api.VNIC{Network: net, Interface: "eth0", MAC: "02:00:00:00:00:01", IP: ip}
+	}
+	report := func(id string, vnics ...api.VNIC) {
+		t.Helper()
+		if _, err := e.c.PutInstanceStatus(ctx, id, api.InstanceStatus{State: api.InstanceRunning, VNICs: vnics}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	attached := func() (string, int) {
+		t.Helper()
+		n, err := e.c.GetNetwork(ctx, "front")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var s []string
+		for _, a := range n.Status.Attached {
+			s = append(s, a.Instance+"@"+a.Node+"="+a.IP)
+		}
+		if n.Status.AddressesUsed != len(n.Status.Attached) || n.Status.AddressesFree != 253-len(n.Status.Attached) {
+			t.Fatalf("addresses used %d, free %d, for %d attached", n.Status.AddressesUsed, n.Status.AddressesFree, len(n.Status.Attached))
+		}
+		return strings.Join(s, " "), n.Status.AddressesUsed
+	}
+	for _, step := range []struct {
+		do   func()
+		want string
+	}{
+		{func() {}, ""},
+		{func() { report("web-b", vnic("front", "10.90.0.3")) }, "web-b@n1=10.90.0.3"},
+		{func() {
+			report("web-a", vnic("default", "10.88.0.2"), vnic("front", "10.90.0.2"))
+			report("db-1", vnic("default", "10.88.0.3"))
+		}, "web-a@n2=10.90.0.2 web-b@n1=10.90.0.3"},
+		{func() { report("web-b") }, "web-a@n2=10.90.0.2"},
+		{func() {
+			if _, err := e.st.Delete(ctx, keyInstances+"web-a", 0); err != nil {
+				t.Fatal(err)
+			}
+		}, ""},
+	} {
+		step.do()
+		// The inspect reads the server's cache, which follows the store
+		// within moments.
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			got, _ := attached()
+			if got == step.want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("attached %q, want %q", got, step.want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}
