@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -335,18 +334,27 @@ func TestInstancesNoIPLeak(t *testing.T) {
 }
 
 // ipamLeases lists the addresses host-local holds for a network under a
-// node's data dir (one file per address, beside its own bookkeeping).
+// node's data dir: one file per address, beside its own bookkeeping. The
+// network's IPAM directory must exist (else nothing would be proved).
 func ipamLeases(t *testing.T, dataDir, netName string) []string {
 	t.Helper()
+	var dirs []string
+	for _, p := range []string{"cni/ipam/berth-" + netName, "*/cni/ipam/berth-" + netName} {
+		m, _ := filepath.Glob(filepath.Join(dataDir, p))
+		dirs = append(dirs, m...)
+	}
+	if len(dirs) != 1 {
+		t.Fatalf("IPAM state of network %s: %v", netName, dirs)
+	}
+	entries, err := os.ReadDir(dirs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
 	var found []string
-	_ = filepath.WalkDir(dataDir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() || filepath.Base(filepath.Dir(filepath.Dir(p))) != "ipam" || filepath.Base(filepath.Dir(p)) != "berth-"+netName {
-			return nil
+	for _, e := range entries {
+		if _, err := netip.ParseAddr(e.Name()); err == nil {
+			found = append(found, e.Name())
 		}
-		if _, err := netip.ParseAddr(d.Name()); err == nil {
-			found = append(found, d.Name())
-		}
-		return nil
-	})
+	}
 	return found
 }
