@@ -4,8 +4,9 @@
 // of the node), with an address from IPAM and optionally published ports.
 // It drives the standard CNI plugins (bridge, host-local, portmap) through
 // libcni, keeps their state under the agent's data directory, isolates
-// networks from each other with nftables rules it owns, and sweeps up what
-// a crash left behind.
+// networks from each other with nftables rules it owns, turns br_netfilter's
+// switches off in its namespace unless told to keep them (bridgenf.go), and
+// sweeps up what a crash left behind.
 package network
 
 import (
