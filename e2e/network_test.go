@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/api"
-	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/e2e/testhost"
 	"github.com/berth-dev/berth/internal/network"
 )
@@ -280,23 +279,7 @@ func TestInstancesNoIPLeak(t *testing.T) {
 		start := time.Now()
 		b.mustCLI("run", name, "--image", testImage, "--network", "small", "--replicas", strconv.Itoa(perRound),
 			"--cpu", "5m", "--memory", "8Mi", "--detach", "--", "sh", "-c", `trap "exit 0" TERM; sleep 3600 & wait`)
-		var list []api.Instance
-		eventually(t, 3*time.Minute, fmt.Sprintf("round %d: %d instances running", r, perRound), func() (bool, string) {
-			l, err := c.ListInstances(ctxT(t), client.InstanceFilter{Service: name})
-			if err != nil {
-				return false, err.Error()
-			}
-			running, failed := 0, ""
-			for _, in := range l.Items {
-				if in.Status.State == api.InstanceRunning {
-					running++
-				} else if in.Status.Message != "" {
-					failed = in.ID + ": " + in.Status.Message
-				}
-			}
-			list = l.Items
-			return running == perRound, fmt.Sprintf("%d of %d running; %s", running, len(l.Items), failed)
-		})
+		list := b.waitInstances(name, perRound, 3*time.Minute, fmt.Sprintf("round %d: %d instances running", r, perRound), running)
 		up := time.Since(start)
 		round := map[string]bool{}
 		for _, in := range list {
@@ -309,16 +292,13 @@ func TestInstancesNoIPLeak(t *testing.T) {
 		start = time.Now()
 		b.mustCLI("service", "rm", name)
 		eventually(t, 3*time.Minute, fmt.Sprintf("round %d: instances gone and addresses free", r), func() (bool, string) {
-			l, err := c.ListInstances(ctxT(t), client.InstanceFilter{Service: name})
-			if err != nil {
-				return false, err.Error()
-			}
+			left := len(b.instances(name))
 			nw, err := c.GetNetwork(ctxT(t), "small")
 			if err != nil {
 				return false, err.Error()
 			}
-			return len(l.Items) == 0 && nw.Status.AddressesUsed == 0 && len(nw.Status.Attached) == 0,
-				fmt.Sprintf("%d instances, %d addresses used", len(l.Items), nw.Status.AddressesUsed)
+			return left == 0 && nw.Status.AddressesUsed == 0 && len(nw.Status.Attached) == 0,
+				fmt.Sprintf("%d instances, %d addresses used", left, nw.Status.AddressesUsed)
 		})
 		eventually(t, 3*time.Minute, fmt.Sprintf("round %d: node holds nothing", r), func() (bool, string) {
 			leases := ipamLeases(t, dir, "small")
