@@ -47,12 +47,18 @@ func registerRuntimeCleanup(t *testing.T, h *testhost.Host, dir string) {
 // importTestImage writes the test image and imports it through the CLI.
 func importTestImage(t *testing.T, b *berth) {
 	t.Helper()
-	img, err := testimage.Build(testimage.Options{Files: map[string]string{"/www/index.html": "hello from berth\n"}})
+	importImage(t, b, testImage, testimage.Options{Files: map[string]string{"/www/index.html": "hello from berth\n"}})
+}
+
+// importImage builds an image as o says and imports it into b as ref.
+func importImage(t *testing.T, b *berth, ref string, o testimage.Options) {
+	t.Helper()
+	img, err := testimage.Build(o)
 	if err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(t.TempDir(), "image.tar")
-	if err := testimage.WriteOCIArchive(img, testImage, path); err != nil {
+	if err := testimage.WriteOCIArchive(img, ref, path); err != nil {
 		t.Fatal(err)
 	}
 	b.mustCLI("image", "import", path)

@@ -45,15 +45,7 @@ func TestSeccomp32Bit(t *testing.T) {
 	h := testhost.New(t)
 	b := startDevRuntime(t, h, t.TempDir())
 	const ref = "localhost/berth-test32:1"
-	img, err := testimage.Build(testimage.Options{Files: map[string]string{"/hello32": string(prog)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	archive := filepath.Join(t.TempDir(), "image.tar")
-	if err := testimage.WriteOCIArchive(img, ref, archive); err != nil {
-		t.Fatal(err)
-	}
-	b.mustCLI("image", "import", archive)
+	importImage(t, b, ref, testimage.Options{Files: map[string]string{"/hello32": string(prog)}})
 	b.mustCLI("run", "native", "--image", ref, "--", "sleep", "1000")
 	b.mustCLI("run", "compat", "--image", ref, "--allow-32bit", "--", "sleep", "1000")
 	native := b.waitInstances("native", 1, 30*time.Second, "native running", running)[0].ID
