@@ -146,7 +146,7 @@ func (s *ctdSubject) start(ctx context.Context, id string) error {
 
 func (s *ctdSubject) stop(ctx context.Context, id string) error {
 	s.pids.set(id, 0)
-	err := s.r.Remove(ctx, id)
+	err := s.r.Remove(ctx, id, 0)
 	_ = os.Remove(s.logPath(id))
 	return err
 }

@@ -31,7 +31,7 @@ type runtimeAPI interface {
 	Create(ctx context.Context, s runtime.Spec) error
 	Start(ctx context.Context, id, logPath string, gate func() error) (uint32, error)
 	Stop(ctx context.Context, id string, grace time.Duration) (int, error)
-	Remove(ctx context.Context, id string) error
+	Remove(ctx context.Context, id string, grace time.Duration) error
 	Update(ctx context.Context, id string, res api.ResourceSpec) error
 	Inspect(ctx context.Context, id string) (runtime.State, error)
 	List(ctx context.Context) ([]runtime.State, error)
@@ -119,9 +119,9 @@ func (m *instances) consume(ctx context.Context, s *client.Stream, snapshot bool
 			seen[in.ID] = true
 			if ev.Type == api.EventDelete || in.Node != m.a.cfg.Name {
 				m.specs.forget(in.Service)
-				m.update(ctx, in.ID, nil)
+				m.update(ctx, in.ID, nil, false)
 			} else {
-				m.update(ctx, in.ID, &in)
+				m.update(ctx, in.ID, &in, !snapshot)
 			}
 		}
 	}
@@ -138,7 +138,7 @@ func (m *instances) sweep(ctx context.Context, listed map[string]bool) {
 	}
 	m.mu.Unlock()
 	for _, id := range gone {
-		m.update(ctx, id, nil)
+		m.update(ctx, id, nil, false)
 	}
 	m.a.net.Sweep(func(id string) bool {
 		if listed[id] {
@@ -164,12 +164,15 @@ func (m *instances) sweep(ctx context.Context, listed map[string]bool) {
 		m.mu.Unlock()
 		if !has {
 			m.a.log.Info("agent: removing the container of a deleted instance", "instance", id)
-			m.update(ctx, id, nil)
+			m.update(ctx, id, nil, false)
 		}
 	}
 }
 
-func (m *instances) update(ctx context.Context, id string, in *api.Instance) {
+// update hands an instance (nil: gone from this node) to its worker,
+// starting one if it has none. live says the instance comes from the watch
+// after its first snapshot, not from a listing of what may already exist.
+func (m *instances) update(ctx context.Context, id string, in *api.Instance, live bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	w := m.workers[id]
@@ -177,6 +180,9 @@ func (m *instances) update(ctx context.Context, id string, in *api.Instance) {
 		w = &worker{m: m, id: id, kick: make(chan struct{}, 1)}
 		if in != nil {
 			w.status = in.Status
+			// Placed here while this agent watched, and never started by
+			// any agent: only this worker can make its container.
+			w.fresh = live && (in.Status.State == "" || in.Status.State == api.InstancePending)
 		}
 		m.workers[id] = w
 		m.wg.Add(1)
@@ -209,10 +215,10 @@ type worker struct {
 	specGen     int64
 	applied     api.ResourceSpec
 	created     bool
+	fresh       bool // no container can exist yet: no need to look
 	restartAt   time.Time
 	consecutive int
 	gone        bool
-	netns       string
 	gateways    map[string]string  // network → the gateway its VNIC uses
 	checkStop   context.CancelFunc // stops the running health monitor
 	health      *string            // a state the monitor reported, not yet applied
@@ -337,10 +343,7 @@ func (w *worker) reconcile(ctx context.Context) bool {
 	}
 	if gone || in == nil {
 		grace := api.DefaultStopGrace
-		if _, err := rt.Stop(ctx, w.id, grace); err != nil && !errors.Is(err, runtime.ErrNotFound) {
-			w.log().warn("agent: stop", "err", err)
-		}
-		if err := rt.Remove(ctx, w.id); err != nil {
+		if err := rt.Remove(ctx, w.id, grace); err != nil {
 			w.log().warn("agent: remove", "err", err)
 		}
 		if err := w.m.a.net.Teardown(ctx, w.id, w.attachmentsFromStatus(ctx)); err != nil {
@@ -353,7 +356,12 @@ func (w *worker) reconcile(ctx context.Context) bool {
 		return true
 	}
 
-	st, err := rt.Inspect(ctx, w.id)
+	var st runtime.State
+	err := runtime.ErrNotFound
+	if !w.fresh {
+		st, err = rt.Inspect(ctx, w.id)
+	}
+	w.fresh = false
 	exists := err == nil
 	if err != nil && !errors.Is(err, runtime.ErrNotFound) {
 		w.log().warn("agent: inspect", "err", err)
@@ -388,21 +396,18 @@ func (w *worker) reconcile(ctx context.Context) bool {
 	case !exists:
 		w.restartAt = time.Time{}
 		atts, err := w.attachments(ctx, spec)
-		var netns string
-		if err == nil {
-			netns, err = w.m.a.net.Prepare(w.id)
-		}
 		if err != nil {
 			w.netFailed(ctx, err)
 			return false
 		}
-		w.netns = netns
-		// The VNICs are made while containerd creates the container and
-		// its task; the process runs once they are ready.
+		// The namespace and then the VNICs are made while containerd
+		// creates the container (which needs only the namespace's path)
+		// and its task (which needs the namespace); the process runs once
+		// the VNICs are ready.
 		net := w.setupNetwork(ctx, atts)
 		w.status.Ports = portBindings(spec)
 		rs := w.runtimeSpec(in, spec)
-		rs.NetnsPath = netns
+		rs.NetnsPath = w.m.a.net.NetnsPath(w.id)
 		if err := rt.Create(ctx, rs); err != nil {
 			net.wait()
 			reason := api.ReasonStartFailed
@@ -410,6 +415,13 @@ func (w *worker) reconcile(ctx context.Context) bool {
 				reason = api.ReasonImageNotFound
 			}
 			w.fail(ctx, reason, err.Error())
+			return false
+		}
+		if err := net.prepared(); err != nil {
+			if err := rt.Remove(ctx, w.id, 0); err != nil {
+				w.log().warn("agent: remove", "err", err)
+			}
+			w.netFailed(ctx, err)
 			return false
 		}
 		applied := false
@@ -433,7 +445,7 @@ func (w *worker) reconcile(ctx context.Context) bool {
 			// Start over from no container, with the networks, shortly
 			// (the failure is reported: by startGated when its gate
 			// failed, or the start's own error).
-			if err := rt.Remove(ctx, w.id); err != nil {
+			if err := rt.Remove(ctx, w.id, 0); err != nil {
 				w.log().warn("agent: remove", "err", err)
 			}
 			w.restartAt = time.Now().Add(2 * time.Second)
@@ -543,22 +555,37 @@ func (w *worker) netFailed(ctx context.Context, err error) {
 	w.restartAt = time.Now().Add(2 * time.Second)
 }
 
-// netSetup is the network setup of one start, running beside it.
+// netSetup is the network setup of one start, running beside it: first
+// the instance's namespace, then its VNICs.
 type netSetup struct {
-	done  chan struct{}
-	vnics []api.VNIC
-	err   error
+	nsDone chan struct{} // the namespace is made, or nsErr says why not
+	nsErr  error
+	done   chan struct{}
+	vnics  []api.VNIC
+	err    error
 }
 
-// setupNetwork gives the instance its VNICs in the background; wait
-// returns them.
+// setupNetwork makes the instance's namespace and gives it its VNICs in
+// the background; prepared waits for the namespace, wait for the VNICs.
 func (w *worker) setupNetwork(ctx context.Context, atts []network.Attachment) *netSetup {
-	n := &netSetup{done: make(chan struct{})}
+	n := &netSetup{nsDone: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(n.done)
-		_, n.vnics, n.err = w.m.a.net.Setup(ctx, w.id, atts)
+		path, err := w.m.a.net.Prepare(w.id)
+		n.nsErr = err
+		close(n.nsDone)
+		if err != nil {
+			n.err = err
+			return
+		}
+		n.vnics, n.err = w.m.a.net.Attach(ctx, w.id, path, atts)
 	}()
 	return n
+}
+
+func (n *netSetup) prepared() error {
+	<-n.nsDone
+	return n.nsErr
 }
 
 func (n *netSetup) wait() ([]api.VNIC, error) {

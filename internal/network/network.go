@@ -197,33 +197,41 @@ func (m *Manager) Prepare(id string) (string, error) {
 // namespace that already exists keeps its VNICs: an instance keeps its MAC
 // and IP across restarts.
 func (m *Manager) Setup(ctx context.Context, id string, atts []Attachment) (string, []api.VNIC, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
 	path, err := m.Prepare(id)
 	if err != nil {
 		return "", nil, err
 	}
+	vnics, err := m.Attach(ctx, id, path, atts)
+	return path, vnics, err
+}
+
+// Attach gives an instance's namespace, made by Prepare, a VNIC on each
+// network (Setup without the Prepare, for a caller that prepares the
+// namespace first and goes on while the VNICs are made).
+func (m *Manager) Attach(ctx context.Context, id, path string, atts []Attachment) ([]api.VNIC, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	var vnics []api.VNIC
 	for i, a := range atts {
 		list, err := m.conflist(a)
 		if err != nil {
-			return "", nil, err
+			return nil, err
 		}
 		rt := runtimeConf(id, path, i, a)
 		var res *types100.Result
 		if cached, err := m.cni.GetNetworkListCachedResult(list, rt); err == nil && cached != nil {
 			res, err = types100.NewResultFromResult(cached)
 			if err != nil {
-				return "", nil, err
+				return nil, err
 			}
 		} else {
 			r, err := m.cni.AddNetworkList(ctx, list, rt)
 			if err != nil {
 				_ = m.cni.DelNetworkList(context.WithoutCancel(ctx), list, rt)
-				return "", nil, fmt.Errorf("network %s: %w", a.Network.Name, cleanCNIErr(err))
+				return nil, fmt.Errorf("network %s: %w", a.Network.Name, cleanCNIErr(err))
 			}
 			if res, err = types100.NewResultFromResult(r); err != nil {
-				return "", nil, err
+				return nil, err
 			}
 		}
 		if err := m.fw.ensure(BridgeName(a.Network.Name), a.Network.Subnet); err != nil {
@@ -231,7 +239,7 @@ func (m *Manager) Setup(ctx context.Context, id string, atts []Attachment) (stri
 		}
 		vnics = append(vnics, vnicOf(a.Network.Name, rt.IfName, res))
 	}
-	return path, vnics, nil
+	return vnics, nil
 }
 
 func vnicOf(network, ifName string, res *types100.Result) api.VNIC {

@@ -187,7 +187,7 @@ func Shutdown(ctx context.Context, p Paths, log *slog.Logger) error {
 		r := &Containerd{c: c, paths: p, log: log, logs: &logs{p: p, log: log}}
 		list, _ := r.List(ctx)
 		for _, st := range list {
-			if err := r.Remove(ctx, st.ID); err != nil {
+			if err := r.Remove(ctx, st.ID, 0); err != nil {
 				errs = append(errs, err)
 			}
 		}

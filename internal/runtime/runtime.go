@@ -449,6 +449,12 @@ func (r *Containerd) Stop(ctx context.Context, id string, grace time.Duration) (
 	if err != nil {
 		return 0, err
 	}
+	return stopTask(ctx, id, t, grace)
+}
+
+// stopTask ends a task's process: SIGTERM, up to grace, then SIGKILL to
+// all its processes (at once when grace is 0); it returns the exit code.
+func stopTask(ctx context.Context, id string, t containerd.Task, grace time.Duration) (int, error) {
 	st, err := t.Status(ctx)
 	if err == nil && st.Status == containerd.Stopped {
 		return int(st.ExitStatus), nil
@@ -457,17 +463,19 @@ func (r *Containerd) Stop(ctx context.Context, id string, grace time.Duration) (
 	if err != nil {
 		return 0, err
 	}
-	if err := t.Kill(ctx, syscall.SIGTERM); err != nil && !errdefs.IsNotFound(err) {
-		return 0, fmt.Errorf("stop %s: %w", id, err)
-	}
-	timer := time.NewTimer(grace)
-	defer timer.Stop()
-	select {
-	case es := <-wait:
-		return int(es.ExitCode()), nil
-	case <-timer.C:
-	case <-ctx.Done():
-		return 0, ctx.Err()
+	if grace > 0 {
+		if err := t.Kill(ctx, syscall.SIGTERM); err != nil && !errdefs.IsNotFound(err) {
+			return 0, fmt.Errorf("stop %s: %w", id, err)
+		}
+		timer := time.NewTimer(grace)
+		defer timer.Stop()
+		select {
+		case es := <-wait:
+			return int(es.ExitCode()), nil
+		case <-timer.C:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
 	}
 	if err := t.Kill(ctx, syscall.SIGKILL, containerd.WithKillAll); err != nil && !errdefs.IsNotFound(err) {
 		return 0, fmt.Errorf("kill %s: %w", id, err)
@@ -480,8 +488,11 @@ func (r *Containerd) Stop(ctx context.Context, id string, grace time.Duration) (
 	}
 }
 
-// Remove kills and deletes a container, its task and its snapshot.
-func (r *Containerd) Remove(ctx context.Context, id string) error {
+// Remove stops a container's process as Stop does (SIGKILL at once when
+// grace is 0) and deletes its task, the container and its snapshot.
+// Removing a container that does not exist is not an error. The container
+// and its task are looked up once for the stop and the delete.
+func (r *Containerd) Remove(ctx context.Context, id string, grace time.Duration) error {
 	r.mu.Lock()
 	delete(r.created, id)
 	r.mu.Unlock()
@@ -493,7 +504,12 @@ func (r *Containerd) Remove(ctx context.Context, id string) error {
 		return err
 	}
 	if t, err := ctr.Task(ctx, nil); err == nil {
-		if _, err := t.Delete(ctx, containerd.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
+		// Once stopped, the delete needs no kill (and no status) of its own.
+		var opts []containerd.ProcessDeleteOpts
+		if _, err := stopTask(ctx, id, t, grace); err != nil {
+			opts = append(opts, containerd.WithProcessKill)
+		}
+		if _, err := t.Delete(ctx, opts...); err != nil && !errdefs.IsNotFound(err) {
 			return fmt.Errorf("remove %s: delete task: %w", id, err)
 		}
 	}
