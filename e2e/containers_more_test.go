@@ -309,3 +309,49 @@ func killContainer(t *testing.T, id string) {
 		}
 	}
 }
+
+// TestImageImportedAgainUnderItsName: the agent resolves image names from
+// memory, so an image imported again under the same name must be what the
+// next container runs, and a removed image must not run at all.
+func TestImageImportedAgainUnderItsName(t *testing.T) {
+	testhost.SkipIfUnsupported(t)
+	h := testhost.New(t)
+	b := startDevRuntime(t, h, t.TempDir())
+	const ref = "localhost/again:1"
+	runs := func(service, want string) {
+		t.Helper()
+		b.mustCLI("run", service, "--image", ref, "--", "sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait")
+		in := b.waitInstances(service, 1, 30*time.Second, "running", running)[0]
+		if got := b.mustCLI("exec", in.ID, "--", "cat", "/version"); got != want {
+			t.Fatalf("%s runs the image with /version %q, want %q", service, got, want)
+		}
+	}
+	importImage(t, b, ref, testimage.Options{Files: map[string]string{"/version": "one\n"}})
+	runs("first", "one\n")
+	importImage(t, b, ref, testimage.Options{Files: map[string]string{"/version": "two\n"}})
+	runs("second", "two\n")
+
+	for _, s := range []string{"first", "second"} {
+		b.mustCLI("service", "rm", s)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, errOut, err := b.cli("image", "rm", ref)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("image rm: %v %s", err, errOut)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, errOut, err := b.cli("run", "third", "--image", ref, "--", "sleep", "1000"); err == nil || !strings.Contains(errOut, "failed") {
+		t.Fatalf("run of a removed image: %v %q", err, errOut)
+	}
+	in := b.waitInstances("third", 1, 30*time.Second, "an image error", func(in api.Instance) bool {
+		return in.Status.Reason == api.ReasonImageNotFound
+	})[0]
+	if in.Status.State == api.InstanceRunning {
+		t.Fatalf("an instance of a removed image runs: %+v", in.Status)
+	}
+}

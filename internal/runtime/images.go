@@ -59,6 +59,7 @@ func (r *Containerd) describe(ctx context.Context, img images.Image) Image {
 // Import reads an OCI layout or docker-archive tarball into the store and
 // unpacks it; it returns the images it named.
 func (r *Containerd) Import(ctx context.Context, rd io.Reader) ([]Image, error) {
+	defer r.forgetImages()
 	imgs, err := r.c.Import(ctx, rd, containerd.WithImportPlatform(platformMatcher()), containerd.WithDigestRef(func(d digest.Digest) string { return "import-" + d.String() }))
 	if err != nil {
 		return nil, fmt.Errorf("import: not an OCI or docker-archive image tarball: %w", err)
@@ -83,6 +84,7 @@ func (r *Containerd) Import(ctx context.Context, rd io.Reader) ([]Image, error) 
 // Pull fetches ref from its registry and unpacks it. Registries on loopback
 // are spoken to over plain HTTP.
 func (r *Containerd) Pull(ctx context.Context, ref string) (Image, error) {
+	defer r.forgetImages()
 	if err := ValidateRef(ref); err != nil {
 		return Image{}, err
 	}
@@ -132,6 +134,7 @@ func (r *Containerd) Images(ctx context.Context) ([]Image, error) {
 
 // RemoveImage deletes an image no container uses.
 func (r *Containerd) RemoveImage(ctx context.Context, ref string) error {
+	defer r.forgetImages()
 	full := NormalizeRef(ref)
 	if _, err := r.c.ImageService().Get(ctx, full); errdefs.IsNotFound(err) {
 		return fmt.Errorf("%w: %s", ErrImageNotFound, ref)

@@ -102,6 +102,10 @@ type Containerd struct {
 	ooms    map[string]time.Time            // containers with a recent OOM event
 	created map[string]containerd.Container // made by Create, not yet started
 	images  map[digest.Digest]*imageInfo    // by image digest
+	// refs resolves image names without asking containerd. Images change
+	// only through this type (its containerd is private to the agent):
+	// Import, Pull and RemoveImage clear it.
+	refs map[string]*imageInfo
 }
 
 // New connects to (or starts) the agent's containerd under dataDir.
@@ -119,7 +123,8 @@ func New(ctx context.Context, dataDir string, log *slog.Logger) (*Containerd, er
 		_ = c.Close()
 		return nil, err
 	}
-	return &Containerd{c: c, paths: p, log: log, logs: l, ooms: map[string]time.Time{}, created: map[string]containerd.Container{}, images: map[digest.Digest]*imageInfo{}}, nil
+	return &Containerd{c: c, paths: p, log: log, logs: l, ooms: map[string]time.Time{}, created: map[string]containerd.Container{},
+		images: map[digest.Digest]*imageInfo{}, refs: map[string]*imageInfo{}}, nil
 }
 
 // Close drops the client; containerd and the containers go on.
@@ -199,6 +204,12 @@ type imageInfo struct {
 // image resolves a local image, unpacking it if needed.
 func (r *Containerd) image(ctx context.Context, ref string) (name string, info *imageInfo, err error) {
 	name = NormalizeRef(ref)
+	r.mu.Lock()
+	info = r.refs[name]
+	r.mu.Unlock()
+	if info != nil {
+		return name, info, nil
+	}
 	meta, err := r.c.ImageService().Get(ctx, name)
 	if errdefs.IsNotFound(err) {
 		return "", nil, fmt.Errorf("%w: %s (import or pull it first)", ErrImageNotFound, ref)
@@ -208,6 +219,9 @@ func (r *Containerd) image(ctx context.Context, ref string) (name string, info *
 	}
 	r.mu.Lock()
 	info = r.images[meta.Target.Digest]
+	if info != nil {
+		r.refs[name] = info
+	}
 	r.mu.Unlock()
 	if info != nil {
 		return name, info, nil
@@ -240,16 +254,20 @@ func (r *Containerd) image(ctx context.Context, ref string) (name string, info *
 	r.mu.Lock()
 	if len(r.images) >= 64 {
 		clear(r.images)
+		clear(r.refs)
 	}
 	r.images[meta.Target.Digest] = info
+	r.refs[name] = info
 	r.mu.Unlock()
 	return name, info, nil
 }
 
-// forgetImages drops what image knows (a snapshot went missing).
+// forgetImages drops what image knows (a snapshot went missing, or an
+// image was stored or removed).
 func (r *Containerd) forgetImages() {
 	r.mu.Lock()
 	clear(r.images)
+	clear(r.refs)
 	r.mu.Unlock()
 }
 
