@@ -124,6 +124,17 @@ const (
 	DefaultNetworkSubnet = "10.88.0.0/16"
 )
 
+// NoNetwork, as a service's only network, gives its instances a network
+// namespace of their own with nothing but loopback (docker's --network
+// none): no VNIC, no address, no published ports, not discoverable. It is
+// a reserved name, not a network object.
+const NoNetwork = "none"
+
+// HasNoNetwork says whether a service's instances get no VNIC.
+func (s *ServiceSpec) HasNoNetwork() bool {
+	return len(s.Networks) == 1 && s.Networks[0] == NoNetwork
+}
+
 // ServiceSpec declares a service: what to run, how many, where and how.
 type ServiceSpec struct {
 	Name    string            `json:"name"`
@@ -132,8 +143,10 @@ type ServiceSpec struct {
 	Args    []string          `json:"args,omitempty"`
 	Env     map[string]string `json:"env,omitempty"`
 	// Replicas defaults to 1 when absent.
-	Replicas  *int              `json:"replicas,omitempty"`
-	Resources ResourceSpec      `json:"resources,omitzero"`
+	Replicas  *int         `json:"replicas,omitempty"`
+	Resources ResourceSpec `json:"resources,omitzero"`
+	// Networks the instances join (default: DefaultNetwork); NoNetwork
+	// alone for none.
 	Networks  []string          `json:"networks,omitempty"`
 	Ports     []PortSpec        `json:"ports,omitempty"`
 	Check     *CheckSpec        `json:"check,omitempty"`

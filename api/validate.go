@@ -127,6 +127,8 @@ func (n *NetworkSpec) Validate() error {
 	var e errs
 	if why := ValidName(n.Name); why != "" {
 		e.add("name", "%s", why)
+	} else if n.Name == NoNetwork {
+		e.add("name", "%q is reserved: a service with networks [%q] gets no network", NoNetwork, NoNetwork)
 	}
 	p, err := netip.ParsePrefix(n.Subnet)
 	switch {
@@ -303,9 +305,12 @@ func (s *ServiceSpec) Validate() error {
 			e.add(f, "%s", why)
 		} else if seenNet[n] {
 			e.add(f, "network %q is listed twice", n)
+		} else if n == NoNetwork && len(s.Networks) > 1 {
+			e.add(f, "%q (no network) cannot be combined with other networks", NoNetwork)
 		}
 		seenNet[n] = true
 	}
+	none := s.HasNoNetwork()
 	seenName, seenPort := map[string]bool{}, map[string]bool{}
 	for i, p := range s.Ports {
 		f := fmt.Sprintf("spec.ports[%d]", i)
@@ -319,6 +324,9 @@ func (s *ServiceSpec) Validate() error {
 		seenName[p.Name] = true
 		validPort(&e, f+".port", p.Port, false)
 		validPort(&e, f+".hostPort", p.HostPort, true)
+		if none && p.HostPort != 0 {
+			e.add(f+".hostPort", "cannot be published: the service's network is %q", NoNetwork)
+		}
 		if p.Protocol != "" && p.Protocol != "tcp" && p.Protocol != "udp" {
 			e.add(f+".protocol", "must be tcp or udp, not %q", p.Protocol)
 		}
@@ -330,6 +338,12 @@ func (s *ServiceSpec) Validate() error {
 	}
 	if s.Check != nil {
 		s.Check.validate(&e, "spec.check")
+		if none && s.Check.HTTP != nil {
+			e.add("spec.check.http", "needs an address: the service's network is %q (use an exec or TTL check)", NoNetwork)
+		}
+		if none && s.Check.TCP != nil {
+			e.add("spec.check.tcp", "needs an address: the service's network is %q (use an exec or TTL check)", NoNetwork)
+		}
 	}
 	u := s.Update
 	if u.MaxParallel < 0 {

@@ -195,6 +195,7 @@ func TestNetworkValidate(t *testing.T) {
 		{"no name", func(n *NetworkSpec) { n.Name = "" }, "name", "is required"},
 		{"name not a DNS label", func(n *NetworkSpec) { n.Name = "Back_End" }, "name", `"Back_End" is not a DNS label: lower-case letters, digits and '-', starting and ending with a letter or digit`},
 		{"name too long", func(n *NetworkSpec) { n.Name = strings.Repeat("n", 64) }, "name", "must be at most 63 characters"},
+		{"name reserved", func(n *NetworkSpec) { n.Name = NoNetwork }, "name", `"none" is reserved: a service with networks ["none"] gets no network`},
 		{"no subnet", func(n *NetworkSpec) { n.Subnet = "" }, "subnet", "is required (a CIDR such as 10.90.0.0/24)"},
 		{"subnet not a CIDR", func(n *NetworkSpec) { n.Subnet = "10.90.0.0" }, "subnet", `"10.90.0.0" is not a CIDR (like 10.90.0.0/24)`},
 		{"subnet garbage", func(n *NetworkSpec) { n.Subnet = "backend" }, "subnet", `"backend" is not a CIDR (like 10.90.0.0/24)`},
@@ -369,6 +370,13 @@ func TestServiceValidate(t *testing.T) {
 		{"bad network name", func(s *ServiceSpec) { s.Networks[1] = "Front" }, "spec.networks[1]", `"Front" is not a DNS label: lower-case letters, digits and '-', starting and ending with a letter or digit`},
 		{"empty network name", func(s *ServiceSpec) { s.Networks[0] = "" }, "spec.networks[0]", "is required"},
 		{"network twice", func(s *ServiceSpec) { s.Networks[1] = "backend" }, "spec.networks[1]", `network "backend" is listed twice`},
+		{"none beside a network", func(s *ServiceSpec) { s.Networks[1] = NoNetwork }, "spec.networks[1]", `"none" (no network) cannot be combined with other networks`},
+		{"none with a published port", func(s *ServiceSpec) { s.Networks, s.Check = []string{NoNetwork}, nil }, "spec.ports[1].hostPort", `cannot be published: the service's network is "none"`},
+		{"none with an http check", func(s *ServiceSpec) { s.Networks, s.Ports[1].HostPort = []string{NoNetwork}, 0 }, "spec.check.http", `needs an address: the service's network is "none" (use an exec or TTL check)`},
+		{"none with a tcp check", func(s *ServiceSpec) {
+			s.Networks, s.Ports[1].HostPort = []string{NoNetwork}, 0
+			s.Check = &CheckSpec{TCP: &TCPCheck{Port: 80}}
+		}, "spec.check.tcp", `needs an address: the service's network is "none" (use an exec or TTL check)`},
 		{"port zero", func(s *ServiceSpec) { s.Ports[0].Port = 0 }, "spec.ports[0].port", "must be a port number from 1 to 65535, not 0"},
 		{"port too high", func(s *ServiceSpec) { s.Ports[0].Port = 65536 }, "spec.ports[0].port", "must be a port number from 1 to 65535, not 65536"},
 		{"port negative", func(s *ServiceSpec) { s.Ports[2].Port = -80 }, "spec.ports[2].port", "must be a port number from 1 to 65535, not -80"},
@@ -429,6 +437,26 @@ func TestServiceValidate(t *testing.T) {
 			s.Normalize()
 			wantFieldError(t, s.Validate(), tt.field, tt.reason)
 		})
+	}
+}
+
+func TestServiceValidateNoNetwork(t *testing.T) {
+	s := validService()
+	s.Networks, s.Ports[1].HostPort = []string{NoNetwork}, 0
+	s.Check = &CheckSpec{Exec: &ExecCheck{Command: []string{"true"}}}
+	s.Normalize()
+	if err := s.Validate(); err != nil {
+		t.Fatalf("no network, exec check, unpublished ports: %v", err)
+	}
+	if !s.HasNoNetwork() {
+		t.Fatal("HasNoNetwork is false")
+	}
+	s.Check = &CheckSpec{TTL: Duration(time.Minute)}
+	if err := s.Validate(); err != nil {
+		t.Fatalf("no network, TTL check: %v", err)
+	}
+	if d := validService(); d.HasNoNetwork() {
+		t.Fatal("HasNoNetwork of a service on two networks")
 	}
 }
 

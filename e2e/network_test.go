@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/api"
+	"github.com/berth-dev/berth/client"
 	"github.com/berth-dev/berth/e2e/testhost"
 	"github.com/berth-dev/berth/internal/network"
 )
@@ -337,4 +338,65 @@ func ipamLeases(t *testing.T, dataDir, netName string) []string {
 		}
 	}
 	return found
+}
+
+// TestNoNetwork: a service on networks ["none"] runs in a namespace of its
+// own with loopback only: no VNIC, nothing on any bridge, no endpoint to
+// discover; an exec check still runs; the name "none" cannot be a network.
+func TestNoNetwork(t *testing.T) {
+	testhost.SkipIfUnsupported(t)
+	h := testhost.New(t)
+	b := startDevRuntime(t, h, t.TempDir())
+	importTestImage(t, b)
+	spec := filepath.Join(t.TempDir(), "batch.json")
+	os.WriteFile(spec, []byte(fmt.Sprintf(`{"name":"batch","image":%q,"networks":["none"],
+		"command":["sh","-c","trap 'exit 0' TERM; sleep 1000 & wait"],
+		"check":{"exec":{"command":["true"]},"interval":"200ms","timeout":"150ms"}}`, testImage)), 0o644)
+	b.mustCLI("apply", "-f", spec)
+	in := b.waitInstances("batch", 1, 30*time.Second, "running and passing", func(in api.Instance) bool {
+		return running(in) && in.Status.Health == api.HealthPassing
+	})[0]
+	if len(in.Status.VNICs) != 0 {
+		t.Fatalf("VNICs of an instance with no network: %+v", in.Status.VNICs)
+	}
+	var ifaces []string
+	for _, line := range strings.Split(b.mustCLI("exec", in.ID, "--", "cat", "/proc/net/dev"), "\n") {
+		if name, _, ok := strings.Cut(line, ":"); ok {
+			ifaces = append(ifaces, strings.TrimSpace(name))
+		}
+	}
+	if len(ifaces) != 1 || ifaces[0] != "lo" {
+		t.Fatalf("interfaces in the container: %v, want lo only", ifaces)
+	}
+	if out := b.mustCLI("exec", in.ID, "--", "cat", "/sys/class/net/lo/operstate"); strings.TrimSpace(out) == "down" {
+		t.Fatalf("loopback is down")
+	}
+	if out, _ := h.Run(ctxT(t), "ip", "-o", "link", "show", "type", "veth"); strings.TrimSpace(out) != "" {
+		t.Fatalf("veths on the node for an instance with no network:\n%s", out)
+	}
+	l, err := b.client().Discover(ctxT(t), "batch", client.DiscoverOptions{})
+	if err != nil || len(l.Items) != 0 {
+		t.Fatalf("discover batch: %v %+v", err, l.Items)
+	}
+
+	// Bad input, refused and naming the field.
+	if _, errOut, err := b.cli("network", "create", "none", "--subnet", "10.97.0.0/24"); err == nil || !strings.Contains(errOut, "reserved") {
+		t.Fatalf("network create none: %v %q", err, errOut)
+	}
+	if _, errOut, err := b.cli("run", "mixed", "--image", testImage, "--network", "none", "--network", "default", "--", "sleep", "1"); err == nil || !strings.Contains(errOut, "spec.networks[0]") {
+		t.Fatalf("run on none and default: %v %q", err, errOut)
+	}
+
+	netns := func() string {
+		out, _ := h.Run(ctxT(t), "sh", "-c", "ls /run/berth-*/netns 2>/dev/null")
+		return out
+	}
+	if out := netns(); !strings.Contains(out, in.ID) {
+		t.Fatalf("no network namespace of %s among:\n%s", in.ID, out)
+	}
+	b.mustCLI("service", "rm", "batch")
+	eventually(t, 30*time.Second, "the instance's namespace removed", func() (bool, string) {
+		out := netns()
+		return !strings.Contains(out, in.ID), out
+	})
 }

@@ -620,13 +620,19 @@ func (w *worker) startGated(ctx context.Context, in *api.Instance, gate func() e
 // each change of state back into the worker's loop.
 func (w *worker) startCheck(ctx context.Context) {
 	w.stopCheck()
-	if w.spec == nil || w.spec.Check == nil || len(w.status.VNICs) == 0 {
+	if w.spec == nil || w.spec.Check == nil {
 		return
+	}
+	var addr string
+	if len(w.status.VNICs) > 0 {
+		addr = w.status.VNICs[0].IP
+	} else if c := w.spec.Check; c.HTTP != nil || c.TCP != nil {
+		return // no address to probe (yet)
 	}
 	cctx, cancel := context.WithCancel(ctx)
 	w.checkStop = cancel
 	target := health.Target{
-		Address: w.status.VNICs[0].IP,
+		Address: addr,
 		Exec: func(ctx context.Context, cmd []string) (int, string, error) {
 			var out bytes.Buffer
 			code, err := w.m.a.rt.Exec(ctx, w.id, cmd, &out, &out)
@@ -849,6 +855,9 @@ func nodeResolvConf() string {
 // attachments resolves the spec's networks (and the ports published on the
 // first) for the network manager.
 func (w *worker) attachments(ctx context.Context, spec api.ServiceSpec) ([]network.Attachment, error) {
+	if spec.HasNoNetwork() {
+		return nil, nil // a namespace with loopback only
+	}
 	names := spec.Networks
 	if len(names) == 0 {
 		names = []string{api.DefaultNetwork}

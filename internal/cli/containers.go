@@ -213,7 +213,7 @@ func runCmd(g *globals) *cobra.Command {
 	fl.StringVar(&f.cpuLimit, "cpu-limit", "", "CPU limit (CFS quota), e.g. 1")
 	fl.StringVar(&f.memoryLimit, "memory-limit", "", "memory limit above the request")
 	fl.StringArrayVar(&f.env, "env", nil, "environment variable K=V (repeatable)")
-	fl.StringArrayVar(&f.networks, "network", nil, "join this network (repeatable; default: the default network)")
+	fl.StringArrayVar(&f.networks, "network", nil, "join this network (repeatable; default: the default network; \"none\": loopback only)")
 	fl.StringArrayVarP(&f.publish, "publish", "p", nil, "publish a port on the node, HOSTPORT:PORT[/proto] (repeatable)")
 	fl.StringVar(&f.restart, "restart", "always", "restart policy: always, on-failure or never")
 	fl.IntVar(&f.maxRestarts, "max-restarts", 0, "with on-failure: at most this many restarts (0: no bound)")

@@ -209,6 +209,9 @@ func (s *Server) applyService(w http.ResponseWriter, r *http.Request) error {
 	ctx := r.Context()
 	var fe api.FieldErrors
 	for i, n := range spec.Networks {
+		if n == api.NoNetwork {
+			continue
+		}
 		if _, err := s.st.Get(ctx, keyNetworks+n, nil); errors.Is(err, store.ErrNotFound) {
 			fe = append(fe, api.FieldError{Field: fmt.Sprintf("spec.networks[%d]", i), Reason: fmt.Sprintf("network %q does not exist", n)})
 		} else if err != nil {
