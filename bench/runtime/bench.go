@@ -112,6 +112,7 @@ func child(o options, netns, work string) int {
 		if err != nil {
 			return err
 		}
+		subjects = append(subjects, b.noNetwork())
 		ctd, raw, err := startContainerd(ctx, l, log)
 		if ctd != nil {
 			subjects = append(subjects, ctd, raw)
@@ -142,7 +143,7 @@ func child(o options, netns, work string) int {
 
 // subjectKeys name the subjects for -subjects, in the order child makes
 // them.
-var subjectKeys = []string{"berth", "calls", "raw", "runc"}
+var subjectKeys = []string{"berth", "none", "calls", "raw", "runc"}
 
 // selected keeps the subjects named in list.
 func selected(all []subject, list string) []subject {
@@ -170,7 +171,7 @@ func run(ctx context.Context, o options, subjects []subject, meter *cpuMeter) er
 			// Rotate the order so that no subject always goes first.
 			i := (k + r) % len(subjects)
 			s := subjects[i]
-			key := fmt.Sprintf("%c%03d", "bcru"[i], r)
+			key := fmt.Sprintf("%c%03d", "bncru"[i], r)
 			c0 := meter.sample(false)
 			tc, err := withTimeout(ctx, o.timeout, func(ctx context.Context) (time.Duration, error) { return s.Create(ctx, key) })
 			if err != nil {
@@ -336,16 +337,26 @@ func report(w io.Writer, o options, subjects []subject, res []samples, tps []thr
 		fmt.Fprintf(w, "  %-26s start %s\n  %-26s remove %s\n", fmt.Sprintf("%s, %d at once", tp.name, tp.n), tp.cpuStart.perContainer(tp.n),
 			"", tp.cpuClean.perContainer(tp.n))
 	}
-	// berth against bare containerd: subjects[0] is berth, [1] containerd
-	// with berth's calls, [2] containerd with raw calls.
-	if len(subjects) >= 3 && subjects[0].Name() == "berth (API, watch)" && strings.HasPrefix(subjects[2].Name(), "containerd (raw") {
+	// Each berth subject against each containerd subject.
+	var berths, bases []int
+	for i, s := range subjects {
+		switch {
+		case strings.HasPrefix(s.Name(), "berth"):
+			berths = append(berths, i)
+		case strings.HasPrefix(s.Name(), "containerd"):
+			bases = append(bases, i)
+		}
+	}
+	if len(berths) > 0 && len(bases) > 0 {
 		fmt.Fprintf(w, "\nberth overhead:\n")
-		for _, j := range []int{1, 2} {
-			fmt.Fprintf(w, "  vs %-24s create→running p50 %s, p95 %s; stop→removed p50 %s, p95 %s",
-				subjects[j].Name(),
-				over(pct(res[0].create, 50), pct(res[j].create, 50)), over(pct(res[0].create, 95), pct(res[j].create, 95)),
-				over(pct(res[0].remove, 50), pct(res[j].remove, 50)), over(pct(res[0].remove, 95), pct(res[j].remove, 95)))
-			if rb, rc := rate[subjects[0].Name()], rate[subjects[j].Name()]; rb > 0 && rc > 0 {
+	}
+	for _, b := range berths {
+		for _, j := range bases {
+			fmt.Fprintf(w, "  %s vs %s:\n    create→running p50 %s, p95 %s; stop→removed p50 %s, p95 %s",
+				subjects[b].Name(), subjects[j].Name(),
+				over(pct(res[b].create, 50), pct(res[j].create, 50)), over(pct(res[b].create, 95), pct(res[j].create, 95)),
+				over(pct(res[b].remove, 50), pct(res[j].remove, 50)), over(pct(res[b].remove, 95), pct(res[j].remove, 95)))
+			if rb, rc := rate[subjects[b].Name()], rate[subjects[j].Name()]; rb > 0 && rc > 0 {
 				fmt.Fprintf(w, "; throughput %+.0f%%", (rb/rc-1)*100)
 			}
 			fmt.Fprintln(w)

@@ -38,9 +38,25 @@ type berthSubject struct {
 
 	mu  sync.Mutex
 	ids map[string][]string // service -> its instances
+
+	noNet bool // the services' networks are ["none"] (see noNetwork)
 }
 
-func (b *berthSubject) Name() string { return "berth (API, watch)" }
+func (b *berthSubject) Name() string {
+	if b.noNet {
+		return "berth, network none"
+	}
+	return "berth (API, watch)"
+}
+
+// noNetwork is a second subject on the same berth dev whose services have
+// networks ["none"]: the same start and removal path without the VNIC
+// (no CNI call), which tells berth's own cost apart from the network
+// setup that neither containerd subject does. Closing it closes nothing.
+func (b *berthSubject) noNetwork() *berthSubject {
+	return &berthSubject{l: b.l, c: b.c, cc: b.cc, netnsDir: b.netnsDir, tr: b.tr,
+		ids: map[string][]string{}, noNet: true}
+}
 
 // startBerth starts `berth dev`, imports the image and opens the watches.
 // A non-nil subject is returned even on error, to be closed.
@@ -108,10 +124,19 @@ func startBerth(ctx context.Context, l layout, bin string, timeout time.Duration
 	return b, nil
 }
 
-func (b *berthSubject) service(key string) string { return b.l.prefix + "-" + key }
+func (b *berthSubject) service(key string) string {
+	if b.noNet {
+		return b.l.prefix + "-n" + key
+	}
+	return b.l.prefix + "-" + key
+}
 
 func (b *berthSubject) apply(ctx context.Context, name string, replicas int) error {
-	spec, err := json.Marshal(api.ServiceSpec{Name: name, Image: imageRef, Command: command, Replicas: &replicas})
+	svc := api.ServiceSpec{Name: name, Image: imageRef, Command: command, Replicas: &replicas}
+	if b.noNet {
+		svc.Networks = []string{api.NoNetwork}
+	}
+	spec, err := json.Marshal(svc)
 	if err != nil {
 		return err
 	}
@@ -296,6 +321,9 @@ func (b *berthSubject) Close(ctx context.Context) error {
 			b.mu.Unlock()
 			cancel()
 		}
+	}
+	if b.noNet {
+		return nil // berth dev and the connections are the main subject's
 	}
 	if b.cancel != nil {
 		b.cancel()

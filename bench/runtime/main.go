@@ -79,7 +79,7 @@ func main() {
 	flag.IntVar(&o.warmup, "warmup", 2, "rounds run first and not counted")
 	flag.StringVar(&o.berth, "berth", "", "the berth binary (default: go build ./cmd/berth into a temporary directory)")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Second, "longest wait for one operation")
-	flag.StringVar(&o.subjects, "subjects", "berth,calls,raw,runc", "the subjects to measure: berth, calls (containerd with berth's calls), raw (containerd), runc")
+	flag.StringVar(&o.subjects, "subjects", "berth,none,calls,raw,runc", "the subjects to measure: berth, none (berth, services with networks [\"none\"]), calls (containerd with berth's calls), raw (containerd), runc")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench/runtime [flags]\n\n"+
 			"Measures create→running and stop→removed latency and start throughput of\n"+
