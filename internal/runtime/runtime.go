@@ -106,6 +106,9 @@ type Containerd struct {
 	// only through this type (its containerd is private to the agent):
 	// Import, Pull and RemoveImage clear it.
 	refs map[string]*imageInfo
+	// imagesGen counts the clearings, so that a lookup that began before
+	// one does not store what it found after it.
+	imagesGen uint64
 }
 
 // New connects to (or starts) the agent's containerd under dataDir.
@@ -205,7 +208,7 @@ type imageInfo struct {
 func (r *Containerd) image(ctx context.Context, ref string) (name string, info *imageInfo, err error) {
 	name = NormalizeRef(ref)
 	r.mu.Lock()
-	info = r.refs[name]
+	info, gen := r.refs[name], r.imagesGen
 	r.mu.Unlock()
 	if info != nil {
 		return name, info, nil
@@ -219,7 +222,7 @@ func (r *Containerd) image(ctx context.Context, ref string) (name string, info *
 	}
 	r.mu.Lock()
 	info = r.images[meta.Target.Digest]
-	if info != nil {
+	if info != nil && gen == r.imagesGen {
 		r.refs[name] = info
 	}
 	r.mu.Unlock()
@@ -256,8 +259,10 @@ func (r *Containerd) image(ctx context.Context, ref string) (name string, info *
 		clear(r.images)
 		clear(r.refs)
 	}
-	r.images[meta.Target.Digest] = info
-	r.refs[name] = info
+	if gen == r.imagesGen {
+		r.images[meta.Target.Digest] = info
+		r.refs[name] = info
+	}
 	r.mu.Unlock()
 	return name, info, nil
 }
@@ -268,6 +273,7 @@ func (r *Containerd) forgetImages() {
 	r.mu.Lock()
 	clear(r.images)
 	clear(r.refs)
+	r.imagesGen++
 	r.mu.Unlock()
 }
 
