@@ -334,17 +334,10 @@ func TestImageImportedAgainUnderItsName(t *testing.T) {
 	for _, s := range []string{"first", "second"} {
 		b.mustCLI("service", "rm", s)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	eventually(t, 30*time.Second, "image rm once the containers are gone", func() (bool, string) {
 		_, errOut, err := b.cli("image", "rm", ref)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("image rm: %v %s", err, errOut)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return err == nil, fmt.Sprintf("%v %s", err, errOut)
+	})
 	if _, errOut, err := b.cli("run", "third", "--image", ref, "--", "sleep", "1000"); err == nil || !strings.Contains(errOut, "failed") {
 		t.Fatalf("run of a removed image: %v %q", err, errOut)
 	}
